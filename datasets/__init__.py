@@ -1,0 +1,1 @@
+"""Dataset adapters and the plate-shard format (knows numpy, pyarrow and fsspec only)."""

@@ -1,0 +1,9 @@
+"""Errors raised for bad datasets or storage. Each message names the file/URL and the field or value."""
+
+
+class DatasetError(ValueError):
+    """A dataset (manifest, part, raw layout) is malformed or inconsistent."""
+
+
+class StorageError(OSError):
+    """Object storage could not be reached, or refused access."""

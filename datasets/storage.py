@@ -1,0 +1,141 @@
+"""Resolve dataset/storage URLs (local path, file://, s3://) to filesystems.
+
+One place decides how S3 is reached (endpoint, credentials or anonymous access, region) so the
+writer, the reader, the Ray Data stream and Ray Train storage all talk to the same store.
+Options come from explicit values first, then the PLATEBENCH_S3_* / AWS_* environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import fsspec
+
+from .errors import StorageError
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage. Serialisable, so it travels to Ray tasks unchanged."""
+
+    endpoint_url: str | None = None
+    anon: bool = False
+    key: str | None = None
+    secret: str | None = None
+    region: str | None = None
+    connect_timeout: float = 5.0
+    retries: int = 3
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "StorageOptions":
+        env = os.environ
+        base = dict(
+            endpoint_url=env.get("PLATEBENCH_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None,
+            anon=env.get("PLATEBENCH_S3_ANON", "0").lower() in ("1", "true", "yes"),
+            region=env.get("PLATEBENCH_S3_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        )
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def s3fs_kwargs(self) -> dict:
+        kw: dict = {
+            "anon": self.anon,
+            "config_kwargs": {
+                "connect_timeout": self.connect_timeout,
+                "read_timeout": 60,
+                "retries": {"max_attempts": self.retries, "mode": "standard"},
+            },
+        }
+        if self.key and not self.anon:
+            kw["key"], kw["secret"] = self.key, self.secret
+        client = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            kw["client_kwargs"] = client
+        kw.update(self.extra)
+        return kw
+
+
+def is_remote(url: str) -> bool:
+    return urlparse(str(url)).scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https")
+
+
+def filesystem(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return (fsspec filesystem, path inside it) for a URL or local path."""
+    url = str(url)
+    scheme = urlparse(url).scheme
+    if scheme in ("s3", "s3a"):
+        opts = options or StorageOptions.from_env()
+        try:
+            import s3fs
+        except ImportError as exc:  # pragma: no cover - s3fs is a hard dependency
+            raise StorageError("s3fs is required for s3:// URLs") from exc
+        fs = s3fs.S3FileSystem(**opts.s3fs_kwargs())
+        return fs, url.split("://", 1)[1].rstrip("/")
+    if scheme in ("", "file"):
+        path = url[len("file://"):] if scheme == "file" else url
+        return fsspec.filesystem("file"), os.path.abspath(path).rstrip("/") or "/"
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path.rstrip("/")
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def pyarrow_filesystem(url: str, options: StorageOptions | None = None):
+    """A pyarrow filesystem for Ray Data / Ray Train storage plus the path inside it.
+
+    S3 uses pyarrow's native client (3x faster than s3fs through a handler here, ray-research §1).
+    """
+    import pyarrow.fs as pafs
+
+    scheme = urlparse(str(url)).scheme
+    if scheme in ("s3", "s3a"):
+        opts = options or StorageOptions.from_env()
+        kw: dict = {"connect_timeout": opts.connect_timeout, "request_timeout": 60}
+        if opts.anon:
+            kw["anonymous"] = True
+        elif opts.key:
+            kw["access_key"], kw["secret_key"] = opts.key, opts.secret
+        if opts.endpoint_url:
+            parsed = urlparse(opts.endpoint_url)
+            kw["endpoint_override"] = parsed.netloc or opts.endpoint_url
+            kw["scheme"] = parsed.scheme or "https"
+        kw["region"] = opts.region or "us-east-1"
+        try:
+            kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=opts.retries)
+        except AttributeError:  # pragma: no cover - very old pyarrow
+            pass
+        return pafs.S3FileSystem(**kw), str(url).split("://", 1)[1].rstrip("/")
+    fs, path = filesystem(url, options)
+    if scheme in ("", "file"):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def describe_error(exc: BaseException, where: str) -> StorageError:
+    """Turn botocore/aiohttp/OS errors into one clear line naming the URL."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    low = text.lower()
+    if "could not connect" in low or "connect" in low and "endpoint" in low or "connection refused" in low:
+        reason = "cannot reach the S3 endpoint"
+    elif "nocredentials" in low or "unable to locate credentials" in low:
+        reason = "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use --s3-anon for public buckets)"
+    elif isinstance(exc, PermissionError) or "forbidden" in low or "access denied" in low or "accessdenied" in low:
+        reason = "access denied (private bucket? check credentials, or --s3-anon only for public buckets)"
+    elif isinstance(exc, FileNotFoundError) or "nosuchbucket" in low or "not found" in low:
+        reason = "not found"
+    else:
+        reason = "storage error"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return StorageError(f"{where}: {reason} ({first[:300]})")

@@ -1,0 +1,314 @@
+"""The method contract (ARCHITECTURE.md, "The method contract").
+
+A method is one `Method` subclass in one file, registered under a name. Its surface is small:
+`build()` makes its networks, `training_step(batches)` owns its optimisation (inner loops included)
+and returns scalar metrics, `predict(batch)` returns logits for the non-control rows, and
+`embed(batch)` returns features. Class-level declarations say what it is: `name`, `track`,
+`defaults`, `needs`.
+
+Distributed training: methods do not use DistributedDataParallel, because several of them run
+more than one forward/backward per step (ABRA's ascent, AdvStyle's adversary, IRM's halves). Instead
+every optimiser step goes through `Method.optimizer_step`, which all-reduces (averages) the
+gradients of the parameters it updates when torch.distributed is initialised, so parameters stay
+identical on every rank. BatchNorm buffers stay per rank during an epoch (each rank sees its own
+plates) and are averaged by `sync_buffers()` before evaluation and checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import distributed
+
+TRACKS = ("standard", "tta")
+DOMAIN_KINDS = ("plate", "batch", "source", "cell_type")
+
+
+class MethodError(ValueError):
+    """Bad method name, hyperparameter, or input batch."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What context a method needs from the data stream (declared on the class)."""
+
+    plate_pure: bool = True  # batches hold one plate each (False: mixed-plate batches)
+    controls: bool = False  # the plate's negative controls appended as flagged context rows
+    multi_plate: bool = False  # several plate-pure batches per step (hparam `plates_per_step`)
+    domain_labels: bool = False  # uses Batch.domains (plate/batch/source ids) for its loss
+
+    def describe(self) -> str:
+        parts = ["plate-pure batches" if self.plate_pure else "mixed-plate batches"]
+        if self.controls:
+            parts.append("negative controls")
+        if self.multi_plate:
+            parts.append("several plates per step")
+        if self.domain_labels:
+            parts.append("domain labels")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What the stream must deliver for this method instance (derived from its hyperparameters)."""
+
+    batch_size: int
+    plate_pure: bool
+    n_controls: int = 0  # control rows appended to each training batch
+    plates_per_step: int = 1
+    eval_n_controls: int = 0  # control rows appended to each evaluation batch
+    domain_kind: str = "plate"  # which Batch.domains entry the method's domain losses use
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The prediction problem: classes, channels and image size, plus how many domains exist."""
+
+    num_classes: int
+    channels: int
+    image_size: tuple[int, int] = (32, 32)
+    num_domains: Mapping[str, int] = field(default_factory=dict)  # e.g. {"plate": 24, "batch": 6, "source": 2}
+
+
+@dataclass
+class Batch:
+    """One mini-batch. Images are float32 [B, C, H, W], self-standardised per image and channel.
+
+    `labels` is -1 for rows without a class (e.g. negative controls). `domains[kind]` holds per-row
+    integer ids for kind in plate/batch/source/cell_type. For a plate-pure batch `plate` names the
+    plate and `meta` holds its batch, source and cell type.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    is_control: torch.Tensor
+    domains: dict[str, torch.Tensor] = field(default_factory=dict)
+    plate: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    image_ids: Sequence[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def queries(self) -> torch.Tensor:
+        """Mask of rows to predict (everything but control context)."""
+        return ~self.is_control
+
+    def to(self, device) -> "Batch":
+        return replace(self, images=self.images.to(device, non_blocking=True), labels=self.labels.to(device),
+                       is_control=self.is_control.to(device),
+                       domains={k: v.to(device) for k, v in self.domains.items()})
+
+    def select(self, mask: torch.Tensor) -> "Batch":
+        ids = None if self.image_ids is None else [i for i, m in zip(self.image_ids, mask.tolist()) if m]
+        return replace(self, images=self.images[mask], labels=self.labels[mask], is_control=self.is_control[mask],
+                       domains={k: v[mask] for k, v in self.domains.items()}, image_ids=ids)
+
+    @staticmethod
+    def concat(batches: Sequence["Batch"]) -> "Batch":
+        if len(batches) == 1:
+            return batches[0]
+        keys = set.intersection(*(set(b.domains) for b in batches))
+        plates = {b.plate for b in batches}
+        return Batch(images=torch.cat([b.images for b in batches]), labels=torch.cat([b.labels for b in batches]),
+                     is_control=torch.cat([b.is_control for b in batches]),
+                     domains={k: torch.cat([b.domains[k] for b in batches]) for k in keys},
+                     plate=plates.pop() if len(plates) == 1 else None)
+
+
+def as_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
+    return [batches] if isinstance(batches, Batch) else list(batches)
+
+
+# Hyperparameters every method has. They drive the harness's optimiser, schedule and stream.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "weight_decay": 1e-5,
+    "optimizer": "adam",  # adam | adamw | sgd
+    "momentum": 0.9,  # sgd only
+    "batch_size": 32,
+    "epochs": 10,
+    "warmup_epochs": 0,
+    "schedule": "cosine",  # cosine | constant
+    "grad_clip": 0.0,  # 0 disables
+}
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def resolve_hparams(cls: type, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults of `cls` (common + its own) updated by `overrides`. Unknown keys are errors.
+
+    Values are coerced to the type of the default (so CLI strings such as "0.1" work); a value that
+    cannot be coerced is an error naming the key.
+    """
+    defaults = {**COMMON_DEFAULTS, **cls.defaults}
+    out = dict(defaults)
+    for key, value in (overrides or {}).items():
+        if key not in defaults:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise MethodError(f"method {cls.name!r}: unknown hyperparameter {key!r}{hint} "
+                              f"(known: {', '.join(sorted(defaults))})")
+        out[key] = _coerce(cls.name, key, value, defaults[key])
+    if out["optimizer"] not in _OPTIMIZERS:
+        raise MethodError(f"method {cls.name!r}: hyperparameter 'optimizer' must be one of {sorted(_OPTIMIZERS)}, "
+                          f"got {out['optimizer']!r}")
+    if out["schedule"] not in ("cosine", "constant"):
+        raise MethodError(f"method {cls.name!r}: hyperparameter 'schedule' must be cosine or constant")
+    return out
+
+
+def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes"):
+                    return True
+                if value.lower() in ("0", "false", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int) and not isinstance(default, bool):
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError(value)
+            return int(as_float)
+        if isinstance(default, float):
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise MethodError(f"method {method!r}: hyperparameter {key!r} needs a {type(default).__name__}, "
+                          f"got {value!r}") from None
+    return value
+
+
+class Method(nn.Module):
+    """Base class of every method. Subclasses set the class attributes and implement the hooks."""
+
+    name: ClassVar[str] = ""
+    track: ClassVar[str] = "standard"
+    needs: ClassVar[Needs] = Needs()
+    defaults: ClassVar[dict[str, Any]] = {}
+    summary: ClassVar[str] = ""
+
+    def __init__(self, task: TaskSpec, hparams: Mapping[str, Any] | None = None, backbone: str = "resnet-tiny"):
+        super().__init__()
+        if self.track not in TRACKS:
+            raise MethodError(f"method {self.name!r}: track must be one of {TRACKS}")
+        self.task = task
+        self.backbone_spec = backbone
+        self.hparams = resolve_hparams(type(self), hparams)
+        self.build()
+        self._optimizers = self.configure_optimizers()
+        for opt in self._optimizers:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+
+    # ---- hooks a method implements --------------------------------------------------------
+    def build(self) -> None:
+        """Create networks from self.task, self.hparams and self.backbone_spec."""
+        raise NotImplementedError
+
+    def training_step(self, batches: Batch | Sequence[Batch]) -> dict[str, float]:
+        """One optimisation step (the method owns inner loops). Returns scalar metrics, incl. 'loss'."""
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Logits [n_queries, num_classes] for the non-control rows of `batch`."""
+        raise NotImplementedError
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Features [B, D] for every row of `batch` (controls included)."""
+        raise NotImplementedError
+
+    def data_request(self) -> DataRequest:
+        """What the stream must deliver; override when controls or several plates are needed."""
+        return DataRequest(batch_size=self.hparams["batch_size"], plate_pure=self.needs.plate_pure)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One optimiser over all parameters by default; methods with adversaries return several."""
+        return [self.make_optimizer(self.parameters())]
+
+    # ---- services for subclasses and the harness ---------------------------------------------
+    def make_optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
+        hp = self.hparams
+        kw: dict[str, Any] = {"lr": hp["lr"] if lr is None else lr, "weight_decay": hp["weight_decay"]}
+        if hp["optimizer"] == "sgd":
+            kw["momentum"] = hp["momentum"]
+        return _OPTIMIZERS[hp["optimizer"]]([p for p in params if p.requires_grad], **kw)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self._optimizers
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """zero_grad → backward → average gradients across ranks → clip → step."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        distributed.allreduce_gradients(params)
+        if self.hparams["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.hparams["grad_clip"])
+        optimizer.step()
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Scale every optimiser's learning rate relative to its initial value (the harness's schedule)."""
+        for opt in self._optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BN running statistics) across ranks."""
+        distributed.allreduce_buffers(self)
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        """Called by the harness before each training epoch (schedules such as DANN's λ)."""
+        self.epoch, self.total_epochs = epoch, total_epochs
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor state to checkpoint (override with `load_extra_state`)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.state_dict(), "optimizers": [o.state_dict() for o in self._optimizers],
+                "extra": self.extra_state()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["model"])
+        for opt, s in zip(self._optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        self.load_extra_state(state.get("extra", {}))
+
+    @classmethod
+    def all_defaults(cls) -> dict[str, Any]:
+        return {**COMMON_DEFAULTS, **cls.defaults}
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {"name": cls.name, "track": cls.track, "needs": cls.needs.describe(),
+                "summary": cls.summary, "hparams": cls.all_defaults()}
+
+
+def queries_with_labels(batch: Batch) -> torch.Tensor:
+    """Mask of rows that carry a class label and are not controls (the rows a loss uses)."""
+    return batch.queries & (batch.labels >= 0)
+
+
+def needs_fields() -> list[str]:
+    return [f.name for f in fields(Needs)]

@@ -1,0 +1,111 @@
+"""Shared fixtures: one local Ray per test session, a moto S3 server on 127.0.0.1, tiny datasets."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from platebench.harness import ray_local  # noqa: E402
+
+ray_local.apply_env()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A loopback-only local Ray shared by the whole session (started on first use).
+
+    4 logical CPUs on a 2-core box: Ray Data read tasks need CPUs beside the Train workers
+    (ray-research §3, "Feeding from Ray Data"), and Tune trials reserve one CPU each.
+    """
+    import ray
+
+    ray_local.init(num_cpus=4, object_store_mb=768)
+    yield ray
+    ray_local.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """A moto_server subprocess bound to 127.0.0.1; `stop()`/`start()` simulate an outage."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto_server did not start")
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def options(self, **kw):
+        from platebench.datasets.storage import StorageOptions
+
+        return StorageOptions(endpoint_url=self.endpoint, key="testing", secret="testing", region="us-east-1", **kw)
+
+    def create_bucket(self, name: str, public: bool = False):
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+        kw = {"ACL": "public-read"} if public else {}
+        s3.create_bucket(Bucket=name, **kw)
+        return s3
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point every S3 client in this process at the moto server through the environment."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small random dataset in the shard format (6 plates, 2 sources, controls on every plate)."""
+    from shard_fixtures import build_tiny_dataset
+
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny") / "ds")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
