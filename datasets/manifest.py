@@ -56,7 +56,7 @@ class Part:
     bytes: int
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "Part":
+    def from_dict(cls, d: dict, where: str) -> Part:
         _exact_keys(d, {"path", "plate", "rows", "controls", "sha256", "bytes"}, where)
         return cls(**d)
 
@@ -76,7 +76,7 @@ class SplitScheme:
         return "test"
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "SplitScheme":
+    def from_dict(cls, d: dict, where: str) -> SplitScheme:
         _exact_keys(d, {"description", "splits", "selection_split", "selection_rule"}, where)
         if not isinstance(d["splits"], dict) or "train" not in d["splits"]:
             raise DatasetError(f"{where}.splits: must be an object with at least a 'train' split")
@@ -163,7 +163,7 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=1, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> "Manifest":
+    def from_dict(cls, d: Any, where: str = MANIFEST_NAME) -> Manifest:
         if not isinstance(d, dict):
             raise DatasetError(f"{where}: expected a JSON object")
         if d.get("format") != FORMAT:
@@ -199,7 +199,7 @@ class Manifest:
         return m
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> "Manifest":
+    def from_json(cls, text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

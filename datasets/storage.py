@@ -30,7 +30,7 @@ class StorageOptions:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, **overrides) -> "StorageOptions":
+    def from_env(cls, **overrides) -> StorageOptions:
         env = os.environ
         base = dict(
             endpoint_url=env.get("PLATEBENCH_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or None,

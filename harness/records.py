@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from platebench.datasets.storage import StorageOptions, describe_error, filesystem, join
 
 from .errors import HarnessError

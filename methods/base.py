@@ -101,18 +101,18 @@ class Batch:
         """Mask of rows to predict (everything but control context)."""
         return ~self.is_control
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return replace(self, images=self.images.to(device, non_blocking=True), labels=self.labels.to(device),
                        is_control=self.is_control.to(device),
                        domains={k: v.to(device) for k, v in self.domains.items()})
 
-    def select(self, mask: torch.Tensor) -> "Batch":
+    def select(self, mask: torch.Tensor) -> Batch:
         ids = None if self.image_ids is None else [i for i, m in zip(self.image_ids, mask.tolist()) if m]
         return replace(self, images=self.images[mask], labels=self.labels[mask], is_control=self.is_control[mask],
                        domains={k: v[mask] for k, v in self.domains.items()}, image_ids=ids)
 
     @staticmethod
-    def concat(batches: Sequence["Batch"]) -> "Batch":
+    def concat(batches: Sequence[Batch]) -> Batch:
         if len(batches) == 1:
             return batches[0]
         keys = set.intersection(*(set(b.domains) for b in batches))
@@ -282,7 +282,7 @@ class Method(nn.Module):
         """Non-tensor state to checkpoint (override with `load_extra_state`)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
     def checkpoint_state(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from platebench.harness import ray_local  # noqa: E402
+from platebench.harness import ray_local
 
 ray_local.apply_env()
 

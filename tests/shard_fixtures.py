@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from platebench.datasets.manifest import Manifest, SplitScheme
 from platebench.datasets.shards import make_table, write_manifest, write_plate
 
