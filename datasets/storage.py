@@ -130,7 +130,8 @@ def describe_error(exc: BaseException, where: str) -> StorageError:
     if "could not connect" in low or "connect" in low and "endpoint" in low or "connection refused" in low:
         reason = "cannot reach the S3 endpoint"
     elif "nocredentials" in low or "unable to locate credentials" in low:
-        reason = "no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use --s3-anon for public buckets)"
+        reason = ("no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                  "or use --s3-anon for public buckets)")
     elif isinstance(exc, PermissionError) or "forbidden" in low or "access denied" in low or "accessdenied" in low:
         reason = "access denied (private bucket? check credentials, or --s3-anon only for public buckets)"
     elif isinstance(exc, FileNotFoundError) or "nosuchbucket" in low or "not found" in low:

@@ -14,12 +14,14 @@ COMMANDS = ["synth", "inspect", "methods", "run", "bench", "leaderboard", "sweep
 def _add_storage_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("object storage (also read from PLATEBENCH_S3_* / AWS_* environment variables)")
     g.add_argument("--s3-endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000")
-    g.add_argument("--s3-anon", action="store_true", help="anonymous S3 access (public buckets such as the JUMP gallery)")
+    g.add_argument("--s3-anon", action="store_true",
+                   help="anonymous S3 access (public buckets such as the JUMP gallery)")
     g.add_argument("--s3-region", help="S3 region (default us-east-1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="platebench", description="Benchmark batch-effect correction methods on cell-painting plates.")
+    parser = argparse.ArgumentParser(
+        prog="platebench", description="Benchmark batch-effect correction methods on cell-painting plates.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     _add_storage_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
