@@ -1,0 +1,192 @@
+"""Plate-grouped streaming of a split from plate shards (local disk or S3) with Ray Data.
+
+Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads their
+parts with `ray.data.read_parquet` (legacy datasource, one block per part, order preserved so the
+epoch is reproducible) and turns blocks into batches with the re-batcher. The number of steps per
+epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
+never wait on a rank that ran dry (ray-research §3).
+
+Why one Ray Data dataset per rank and epoch instead of Train's `streaming_split`: the split
+equalises rows, not plate-pure batches, and cannot keep plates disjoint across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from platebench.datasets.shards import ShardDataset
+from platebench.datasets.storage import join, pyarrow_filesystem
+
+from .augment import check_policy
+from .batching import DomainIndex, to_batch
+from .errors import HarnessError
+from .rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    scheme: str
+    split: str
+    batch_size: int  # 0 = whole plate (evaluation only)
+    train: bool
+    plate_pure: bool = True
+    plates_per_step: int = 1
+    n_controls: int = 0
+    seed: int = 0
+    augment: str | None = None  # policy name, training only
+    read_cpus: float = 0.25  # per read task: leaves room beside Train workers (ray-research §7.3)
+    prefetch_blocks: int = 2
+    keep_ids: bool = False
+
+    def rebatch_spec(self, epoch: int) -> RebatchSpec:
+        return RebatchSpec(batch_size=self.batch_size, train=self.train, plate_pure=self.plate_pure,
+                           plates_per_step=self.plates_per_step, n_controls=self.n_controls, seed=self.seed,
+                           epoch=epoch)
+
+
+def assign_plates(plate_rows: list[tuple[str, int]], world: int, spec: RebatchSpec) -> list[list[tuple[str, int]]]:
+    """Greedy balanced assignment by number of batches (ties → lowest rank); keeps input order per rank."""
+    load = [0] * world
+    out: list[list[tuple[str, int]]] = [[] for _ in range(world)]
+    for plate, n in plate_rows:
+        r = int(np.argmin(load))
+        out[r].append((plate, n))
+        load[r] += plate_batch_count(n, spec) if spec.plate_pure else n
+    return out
+
+
+class PlateStream:
+    """Iterate one split of a dataset as batches for one rank of `world`."""
+
+    def __init__(self, dataset: ShardDataset, config: StreamConfig, rank: int = 0, world: int = 1):
+        if config.batch_size < 0 or (config.batch_size == 0 and config.train):
+            mode = "training" if config.train else "evaluation"
+            raise HarnessError(f"batch size {config.batch_size} is not valid for {mode}")
+        if config.augment:
+            check_policy(config.augment)
+        if config.n_controls and not any(p.controls for p in dataset.manifest.parts):
+            raise HarnessError(f"{dataset.url}: the method needs negative controls as context, but the dataset "
+                               f"has none (manifest parts list 0 controls)")
+        self.ds, self.config, self.rank, self.world = dataset, config, rank, world
+        self.manifest = dataset.manifest
+        self.domains = DomainIndex.from_manifest(self.manifest)
+        self.query_expr = dataset.split_expression(config.scheme, config.split) & (pc.field("label") >= 0)
+        self._pred_columns = sorted(set(self._expr_columns()) | {"label"})
+        meta = dataset.split_metadata(config.scheme, config.split)
+        meta = meta.filter(pc.field("label") >= 0)
+        counts = meta.group_by("plate").aggregate([("plate", "count")]).to_pylist()
+        self.plate_rows = {r["plate"]: r["plate_count"] for r in counts}
+        self.n_rows = sum(self.plate_rows.values())
+        if not self.plate_rows:
+            raise HarnessError(f"split {config.split!r} of scheme {config.scheme!r} has no labelled images")
+
+    def _expr_columns(self) -> list[str]:
+        from platebench.datasets import predicates
+
+        pred = self.manifest.scheme(self.config.scheme).splits[self.config.split]
+        return sorted(predicates.columns_of(pred))
+
+    # -- planning ---------------------------------------------------------------------------
+    def plan(self, epoch: int) -> tuple[list[tuple[str, int]], int]:
+        """(plates with their query counts in arrival order for this rank, number of steps)."""
+        spec = self.config.rebatch_spec(epoch)
+        plates = sorted(self.plate_rows.items())
+        if self.config.train:
+            order = np.random.default_rng([self.config.seed, epoch, 991]).permutation(len(plates))
+            plates = [plates[i] for i in order]
+        per_rank = assign_plates(plates, self.world, spec)
+        steps = [count_steps(p, spec) for p in per_rank]
+        mine = per_rank[self.rank]
+        # Training: every rank takes the same number of steps (DDP all-reduces each step).
+        return mine, (min(steps) if self.config.train else steps[self.rank])
+
+    def steps(self, epoch: int) -> int:
+        return self.plan(epoch)[1]
+
+    # -- reading ----------------------------------------------------------------------------
+    def _part_paths(self, plates: list[str], epoch: int) -> list[str]:
+        fs, root = pyarrow_filesystem(self.ds.url, self.ds.options)
+        self._pafs = fs
+        paths = []
+        for plate in plates:
+            parts = self.manifest.parts_of(plate)
+            # Control-bearing parts first (the writer puts controls first), then the rest in a seeded order.
+            ctrl = [p for p in parts if p.controls]
+            rest = [p for p in parts if not p.controls]
+            if self.config.train and len(rest) > 1:
+                rng = np.random.default_rng([self.config.seed, epoch, len(paths)])
+                rest = [rest[i] for i in rng.permutation(len(rest))]
+            paths += [join(root, p.path) for p in ctrl + rest]
+        return paths
+
+    def blocks(self, plates: list[str], epoch: int) -> Iterator[pa.Table]:
+        import ray.data
+
+        paths = self._part_paths(plates, epoch)
+        if not paths:
+            return
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
+        ctx.enable_progress_bars = False
+        ds = ray.data.read_parquet(paths, filesystem=self._pafs, override_num_blocks=len(paths),
+                                   num_cpus=self.config.read_cpus)
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow",
+                                   prefetch_batches=self.config.prefetch_blocks)
+
+    def _masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        n = block.num_rows
+        small = block.select(self._pred_columns).append_column("_row", pa.array(np.arange(n)))
+        rows = small.filter(self.query_expr).column("_row").to_numpy()
+        qmask = np.zeros(n, dtype=bool)
+        qmask[rows] = True
+        return qmask, block.column("is_control").to_numpy(zero_copy_only=False)
+
+    # -- iteration --------------------------------------------------------------------------
+    def epoch(self, epoch: int = 0) -> Iterator:
+        """Batches (or lists of batches when plates_per_step > 1) of this rank for `epoch`."""
+        plates, steps = self.plan(epoch)
+        if steps == 0:
+            return
+        spec = self.config.rebatch_spec(epoch)
+        rb = Rebatcher(spec)
+        done = 0
+        g = torch.Generator()
+        blocks = self.blocks([p for p, _ in plates], epoch)
+        try:
+            for _ in self._with_end(blocks, rb):
+                for item in rb.pop():
+                    g.manual_seed(((self.config.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_000_033 + done)
+                    yield self._convert(item, g)
+                    done += 1
+                    if done == steps:
+                        return
+        finally:
+            if hasattr(blocks, "close"):
+                blocks.close()
+        if done != steps:
+            raise HarnessError(f"stream produced {done} batches, planned {steps} (rank {self.rank}, epoch {epoch}); "
+                               f"the dataset changed under the run or a read was incomplete")
+
+    def _with_end(self, blocks, rb: Rebatcher):
+        for block in blocks:
+            qmask, cmask = self._masks(block)
+            rb.push(block, qmask, cmask)
+            yield block
+        rb.finish()
+        yield None
+
+    def _convert(self, item, g: torch.Generator):
+        policy = self.config.augment if self.config.train else None
+        if isinstance(item, list):
+            return [to_batch(it, self.manifest, self.domains, policy, g, self.config.keep_ids) for it in item]
+        return to_batch(item, self.manifest, self.domains, policy, g, self.config.keep_ids)
+
+
+def eval_config(base: StreamConfig, split: str, batch_size: int, n_controls: int = 0) -> StreamConfig:
+    return replace(base, split=split, batch_size=batch_size, train=False, plates_per_step=1, plate_pure=True,
+                   n_controls=n_controls, augment=None)
