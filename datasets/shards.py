@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from . import predicates
 from .errors import DatasetError, StorageError
 from .manifest import BASE_SCHEMA, MANIFEST_NAME, METADATA_COLUMNS, Manifest, Part
-from .storage import StorageOptions, describe_error, filesystem, join
+from .storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
 
 PLATE_MARKER = "_plate.json"
 DEFAULT_PART_BYTES = 64 * 2**20
@@ -137,7 +137,7 @@ def write_plate(root: str, plate: str, table: pa.Table, *, image_nbytes: int, op
             fs.rm_file(stale)
         marker = {"plate": plate, "parts": [p.__dict__ for p in parts]}
         _atomic_put(fs, join(plate_dir, PLATE_MARKER), json.dumps(marker).encode())
-    except (OSError, PermissionError) as exc:
+    except STORAGE_ERRORS as exc:
         if isinstance(exc, DatasetError):
             raise
         raise describe_error(exc, f"writing plate {plate} under {root}") from exc
@@ -177,7 +177,7 @@ def write_manifest(root: str, manifest: Manifest, options: StorageOptions | None
         _atomic_put(fs, join(root_path, MANIFEST_NAME), manifest.to_json().encode())
     except DatasetError:
         raise
-    except OSError as exc:
+    except STORAGE_ERRORS as exc:
         raise describe_error(exc, f"writing {root}/{MANIFEST_NAME}") from exc
     return join(root_path, MANIFEST_NAME)
 
@@ -218,7 +218,7 @@ class ShardDataset:
             text = self.fs.cat_file(join(self.root, MANIFEST_NAME))
         except FileNotFoundError:
             raise DatasetError(f"{where}: not found (not a platebench dataset, or its write did not finish)") from None
-        except OSError as exc:
+        except STORAGE_ERRORS as exc:
             raise describe_error(exc, where) from exc
         return Manifest.from_json(text, where)
 
@@ -249,10 +249,14 @@ class ShardDataset:
             raise
         except FileNotFoundError:
             raise DatasetError(f"{where}: part listed in the manifest is missing") from None
-        except pa.ArrowInvalid as exc:
-            raise DatasetError(f"{where}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        except OSError as exc:
+        except PermissionError as exc:
             raise describe_error(exc, where) from exc
+        except tuple(e for e in STORAGE_ERRORS if e is not OSError) as exc:
+            raise describe_error(exc, where) from exc
+        except (pa.ArrowException, OSError) as exc:
+            # Arrow reports corrupt pages as OSError too; the message tells a read failure from damage.
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DatasetError(f"{where}: cannot read part (damaged file or failed read: {first[:200]})") from None
         self._check_part(pf.schema_arrow, table, part, where)
         return table
 

@@ -65,6 +65,21 @@ class StorageOptions:
         return kw
 
 
+def _storage_exceptions() -> tuple[type[BaseException], ...]:
+    excs: list[type[BaseException]] = [OSError]
+    try:  # botocore's connection/credential errors are not OSErrors
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        excs += [BotoCoreError, ClientError]
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        pass
+    return tuple(excs)
+
+
+# Exceptions that mean "the store failed or refused", to be turned into one clear StorageError line.
+STORAGE_ERRORS = _storage_exceptions()
+
+
 def is_remote(url: str) -> bool:
     return urlparse(str(url)).scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https")
 

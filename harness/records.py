@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from platebench.datasets.storage import StorageOptions, describe_error, filesystem, join
+from platebench.datasets.storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
 
 from .errors import HarnessError
 
@@ -69,7 +69,7 @@ def write_epoch_records(storage: str, run_id: str, epoch: int, rows: Iterable[Ma
         fs.makedirs(join(root, RECORDS_DIR, run_id), exist_ok=True)
         fs.pipe_file(tmp, buf.getvalue())
         fs.mv(tmp, path)
-    except OSError as exc:
+    except STORAGE_ERRORS as exc:
         raise describe_error(exc, f"writing records to {storage}") from exc
     return path
 
@@ -83,7 +83,7 @@ def read_records(url: str, options: StorageOptions | None = None, run_ids: Itera
             files = sorted(fs.glob(join(base, "*", "epoch-*.parquet")))
         else:
             files = sorted(f for r in run_ids for f in fs.glob(join(base, r, "epoch-*.parquet")))
-    except OSError as exc:
+    except STORAGE_ERRORS as exc:
         raise describe_error(exc, f"listing records under {url}") from exc
     tables = []
     for f in files:

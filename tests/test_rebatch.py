@@ -3,7 +3,6 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from platebench.harness.rebatch import RebatchSpec, count_steps, plate_batch_count, rebatch
 
 

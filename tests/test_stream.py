@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from platebench.datasets.shards import open_dataset
 from platebench.harness.stream import PlateStream, StreamConfig
 
@@ -92,9 +91,8 @@ def test_s3_stream_gives_the_same_bytes_as_local_disk(tiny_dataset, s3_server, t
 
 
 def test_controls_needed_but_absent_is_a_clear_error(tmp_path):
-    from shard_fixtures import build_tiny_dataset
-
     from platebench.harness.errors import HarnessError
+    from shard_fixtures import build_tiny_dataset
 
     url = build_tiny_dataset(tmp_path / "noctrl", controls_per_plate=0)
     with pytest.raises(HarnessError, match="needs negative controls"):

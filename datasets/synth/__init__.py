@@ -1,0 +1,7 @@
+"""Synthetic Cell Painting plates with controllable batch effects (pure numpy): the default workload."""
+
+from .generate import GENERATOR_VERSION, Plan, PlateSpec, generate_plate, manifest_for, plan
+from .presets import CHANNELS, PRESETS, Preset, get_preset, override_keys
+
+__all__ = ["CHANNELS", "GENERATOR_VERSION", "PRESETS", "Plan", "PlateSpec", "Preset", "generate_plate",
+           "get_preset", "manifest_for", "override_keys", "plan"]

@@ -1,0 +1,224 @@
+"""Presets of the synthetic plate generator: plain dataclasses, overridable by dotted keys.
+
+A preset fixes everything that shapes a dataset (layout of the plate hierarchy, biology, batch
+effects, split scheme roles); the seed fixes the random draws. `get_preset("quickstart",
+{"effects.blur": 2, "size": 64})` returns a modified copy; an unknown preset, an unknown key or a
+value of the wrong type is an error naming it, so a typo never silently yields the default dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from ..errors import DatasetError
+
+CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The hierarchy source (lab) > batch > plate > well > site (2 sites per well, always)."""
+
+    sources: int = 3
+    batches_per_source: int = 5
+    plates_per_batch: int = 3
+    rows: int = 8
+    cols: int = 12
+    control_wells: int = 16  # negative-control (DMSO) wells per plate, spread over the plate
+    cell_types: tuple[str, ...] = ("U2OS",)  # one per plate, cycling within each batch
+    # Batch roles per source, taken from its last batches: the last `test_batches` are held out for
+    # `new_batches`' test split, the `val_batches` before them for its selection split.
+    val_batches: int = 1
+    test_batches: int = 1
+    lab_holdout: int = 1  # sources held out (the last ones) as `new_lab`'s test split
+
+
+@dataclass(frozen=True)
+class Biology:
+    num_classes: int = 8
+    perturbations_per_class: int = 2  # compounds sharing a class (mechanism), each with its own twist
+    class_effect: float = 1.0  # size of a class's morphology change, in units of cell-to-cell variation
+    features_per_class: int = 4  # how many morphology features each class moves
+    compound_effect: float = 0.25  # compound-specific deviation from its class effect (same units)
+    cells_per_site: float = 4.0
+    max_cells: int = 8
+    cell_variation: float = 1.0  # cell-to-cell variation multiplier
+    cell_type_effect: float = 2.0  # how far cell types' baselines lie apart (same units)
+
+
+@dataclass(frozen=True)
+class Effects:
+    """Batch-effect strengths. Every effect's spread at a level = strength x level x effect x base sd.
+
+    Base sds live in `effects.EFFECTS`; 1.0 everywhere is the calibrated default (quickstart).
+    """
+
+    strength: float = 1.0
+    source: float = 1.0
+    batch: float = 1.0
+    plate: float = 1.0
+    # per-effect multipliers (names match effects.EFFECTS)
+    gain: float = 1.0
+    offset: float = 1.0
+    gamma: float = 1.0
+    vignette: float = 1.0
+    blur: float = 1.0
+    noise: float = 1.0
+    density: float = 1.0
+    cell_size: float = 1.0
+    permeabilisation: float = 1.0
+    texture_scale: float = 1.0
+    crosstalk: float = 1.0
+    edge: float = 1.0
+    # Dirichlet concentration of the class proportions on new_batches test plates (0 = balanced)
+    label_shift_alpha: float = 0.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    size: int = 32
+    layout: Layout = field(default_factory=Layout)
+    biology: Biology = field(default_factory=Biology)
+    effects: Effects = field(default_factory=Effects)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_QUICK = Preset(
+    name="quickstart",
+    description="the default benchmark workload: 45 plates of 96 wells, 32 px, 3 labs, sized for a CPU run",
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny", description="unit tests: 6 plates of 24 wells, 16 px, 3 classes", size=16,
+        layout=Layout(sources=2, batches_per_source=3, plates_per_batch=1, rows=4, cols=6, control_wells=4,
+                      cell_types=("U2OS", "HepG2")),
+        biology=Biology(num_classes=3, max_cells=5),
+    ),
+    "quickstart": _QUICK,
+    "strong-shift": replace(
+        _QUICK, name="strong-shift",
+        description="quickstart with batch effects twice as strong and two cell types",
+        layout=replace(_QUICK.layout, cell_types=("U2OS", "HepG2")),
+        effects=replace(_QUICK.effects, strength=2.0),
+    ),
+    "label-shift": replace(
+        _QUICK, name="label-shift",
+        description="quickstart whose new_batches test plates have Dirichlet(0.5)-skewed class proportions",
+        effects=replace(_QUICK.effects, label_shift_alpha=0.5),
+    ),
+    "large": Preset(
+        name="large", description="throughput tests: 112 plates of 128 wells (256 images), 96 px, 4 labs", size=96,
+        layout=Layout(sources=4, batches_per_source=7, plates_per_batch=4, rows=8, cols=16, control_wells=16,
+                      cell_types=("U2OS", "HepG2")),
+        biology=Biology(num_classes=12),
+    ),
+}
+
+
+def get_preset(name: str, overrides: Mapping[str, Any] | None = None) -> Preset:
+    """The named preset with dotted-key overrides applied (e.g. {"layout.sources": 4, "size": 64})."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DatasetError(f"unknown synth preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+    preset = PRESETS[name]
+    for key, value in (overrides or {}).items():
+        preset = _override(preset, key.split("."), value, key)
+    validate(preset)
+    return preset
+
+
+def override_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key an override may name."""
+    obj = Preset if obj is None else obj
+    keys = []
+    for f in fields(obj):
+        typ = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if is_dataclass(typ):
+            keys += override_keys(type(typ), f"{prefix}{f.name}.")
+        elif f.name != "name":
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _override(obj: Any, path: list[str], value: Any, key: str) -> Any:
+    names = {f.name: f for f in fields(obj)}
+    head = path[0]
+    if head not in names or head == "name":
+        close = difflib.get_close_matches(key, override_keys(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DatasetError(f"unknown synth override key {key!r}{hint}")
+    current = getattr(obj, head)
+    if is_dataclass(current):
+        if len(path) == 1:
+            raise DatasetError(f"synth override key {key!r} names a group; name one of its fields")
+        return replace(obj, **{head: _override(current, path[1:], value, key)})
+    if len(path) > 1:
+        raise DatasetError(f"unknown synth override key {key!r}")
+    return replace(obj, **{head: _coerce(value, current, key)})
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+                return value.lower() in ("1", "true", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(current, int):
+            as_float = float(value)
+            if as_float != int(as_float):
+                raise ValueError
+            return int(as_float)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if isinstance(current, str):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise DatasetError(f"synth override {key!r}: expected a {type(current).__name__}, got {value!r}")
+
+
+def validate(p: Preset) -> None:
+    """Reject presets that cannot make a dataset, naming the field and value."""
+    lay, bio, eff = p.layout, p.biology, p.effects
+    checks = [
+        (p.size >= 8, "size", p.size, "at least 8"),
+        (lay.sources >= 2, "layout.sources", lay.sources, "at least 2 (new_lab holds one out)"),
+        (1 <= lay.lab_holdout < lay.sources, "layout.lab_holdout", lay.lab_holdout, "between 1 and sources-1"),
+        (lay.val_batches >= 1 and lay.test_batches >= 1, "layout.val_batches/test_batches",
+         (lay.val_batches, lay.test_batches), "at least 1 each"),
+        (lay.batches_per_source >= lay.val_batches + lay.test_batches + 1, "layout.batches_per_source",
+         lay.batches_per_source, "more than val_batches + test_batches"),
+        (lay.plates_per_batch >= 1, "layout.plates_per_batch", lay.plates_per_batch, "at least 1"),
+        (lay.rows >= 2 and lay.cols >= 2 and lay.rows <= 26, "layout.rows/cols", (lay.rows, lay.cols),
+         "2..26 rows and at least 2 columns"),
+        (1 <= lay.control_wells <= lay.rows * lay.cols - bio.num_classes, "layout.control_wells",
+         lay.control_wells, "at least 1 and leaving a well per class"),
+        (len(lay.cell_types) >= 1, "layout.cell_types", lay.cell_types, "at least one name"),
+        (bio.num_classes >= 2, "biology.num_classes", bio.num_classes, "at least 2"),
+        (bio.perturbations_per_class >= 1, "biology.perturbations_per_class", bio.perturbations_per_class,
+         "at least 1"),
+        (bio.max_cells >= 1 and bio.cells_per_site > 0, "biology.max_cells/cells_per_site",
+         (bio.max_cells, bio.cells_per_site), "positive"),
+        (eff.label_shift_alpha >= 0, "effects.label_shift_alpha", eff.label_shift_alpha, "0 (off) or positive"),
+    ]
+    for ok, name, value, need in checks:
+        if not ok:
+            raise DatasetError(f"synth preset {p.name!r}: {name} = {value!r} is invalid (needs {need})")
+    negative = [f.name for f in fields(eff) if getattr(eff, f.name) < 0]
+    if negative:
+        raise DatasetError(f"synth preset {p.name!r}: effects.{negative[0]} must be >= 0")
