@@ -54,14 +54,18 @@ def records_table(rows: Iterable[Mapping]) -> pa.Table:
 
 
 def write_epoch_records(storage: str, run_id: str, epoch: int, rows: Iterable[Mapping],
-                        options: StorageOptions | None = None) -> str:
-    """Write (or atomically replace) the records of one evaluation of one run."""
+                        options: StorageOptions | None = None, kind: str = "main") -> str:
+    """Write (or atomically replace) the records of one evaluation of one run.
+
+    `kind` "main" holds the per-epoch evaluation; "sweeps" the TTA sweeps run once on the selected epoch.
+    """
     table = records_table(rows)
     bad = set(table.column("run_id").to_pylist()) - {run_id} or set(table.column("epoch").to_pylist()) - {epoch}
     if bad:
         raise HarnessError(f"records for run {run_id} epoch {epoch} contain rows of another run/epoch: {bad}")
     fs, root = filesystem(storage, options)
-    path = join(root, RECORDS_DIR, run_id, f"epoch-{epoch:05d}.parquet")
+    suffix = "" if kind == "main" else f".{kind}"
+    path = join(root, RECORDS_DIR, run_id, f"epoch-{epoch:05d}{suffix}.parquet")
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

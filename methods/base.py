@@ -138,6 +138,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 0,
     "schedule": "cosine",  # cosine | constant
     "grad_clip": 0.0,  # 0 disables
+    "augment": "flip-rot90",  # stream augmentation policy (harness/augment.py): none | flip | flip-rot90 | ...
 }
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -254,10 +255,15 @@ class Method(nn.Module):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return self._optimizers
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """zero_grad → backward → average gradients across ranks → clip → step."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor | None) -> None:
+        """zero_grad → backward → average gradients across ranks → clip → step.
+
+        `loss=None`: the caller already accumulated .grad itself (zero_grad, then one backward per
+        plate, as CS-ARM-BN's gradient accumulation does); only the all-reduce, clip and step run.
+        """
+        if loss is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         distributed.allreduce_gradients(params)
         if self.hparams["grad_clip"] > 0:

@@ -1,11 +1,56 @@
-"""`platebench run` (not implemented yet)."""
+"""`platebench run`: train one method for one or more seeds with Ray Train."""
 
-from ..errors import HarnessError
+from __future__ import annotations
 
 
 def add_parser(sub):
-    return sub.add_parser("run", help="(not implemented yet)")
+    from platebench.harness.session import add_launch_flags
+
+    p = sub.add_parser("run", help="train one method for some seeds (Ray Train, DDP), evaluate every epoch",
+                       description="Train METHOD on the dataset's split scheme, one Ray Train run per seed. Runs "
+                                   "are content-addressed: the same command resumes an interrupted run and skips "
+                                   "finished ones.")
+    p.add_argument("--data", required=True, help="dataset root (dir or s3://)")
+    p.add_argument("--split-scheme", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameter overrides")
+    p.add_argument("--epochs", type=int, help="shorthand for --hparams epochs=N")
+    p.add_argument("--backbone", default="resnet-tiny", help="resnet-tiny | resnet18 | resnet50 | densenet161 | ...")
+    p.add_argument("--max-concurrent", type=int, help="runs trained at once (default: cores / workers)")
+    add_launch_flags(p)
+    return p
 
 
 def run(args) -> int:
-    raise HarnessError("'platebench run' is not implemented yet")
+    from platebench.datasets.shards import open_dataset
+    from platebench.harness import session
+    from platebench.harness.runner import require_runs_ok, run_many
+    from platebench.harness.runspec import build_specs, parse_hparams
+
+    hparams = parse_hparams(args.hparams)
+    if args.epochs is not None:
+        hparams["epochs"] = args.epochs
+    ds = open_dataset(args.data)
+    specs = build_specs(ds, args.split_scheme, args.method, hparams, args.seeds, args.backbone)
+    mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}",
+                                   parent_name=f"run {args.method} on {ds.manifest.name}/{args.split_scheme}",
+                                   params={"method": args.method, "seeds": args.seeds, "data": args.data,
+                                           "split_scheme": args.split_scheme, **specs[0].hparams})
+    launch = session.launch_from_args(args, mlflow)
+    session.start_ray(args)
+    progress = session.Progress(len(specs), launch)
+    results = run_many(specs, launch, session.max_concurrent(args), progress.event)
+    if mlflow:
+        from platebench.harness.tracking import end_parent
+
+        end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
+                   status="FAILED" if any("error" in r for r in results) else "FINISHED")
+    for r in results:
+        if "error" not in r:
+            val = r.get("final_metrics", {}).get("val_accuracy", float("nan"))
+            note = " (already done)" if r.get("skipped") else ""
+            print(f"{r['method']} seed {r['seed']}: run {r['run_id']} last val_accuracy {val:.4f}{note}")
+    print(f"records: {launch.storage}/records  (platebench leaderboard --records {launch.storage} ...)")
+    require_runs_ok(results)
+    return 0

@@ -1,0 +1,141 @@
+"""Evaluation of a method on every split of a scheme, per domain, under the run's protocol.
+
+`standard` methods predict in eval mode on plate-pure batches of a fixed size; `tta` methods adapt on
+plate-pure test batches of their own batch size (plus controls when they use them) and are also
+measured across test batch sizes and numbers of controls (the sweeps, run once on the selected model).
+Each rank evaluates its own plates; per-plate counts are gathered so every rank holds the same result.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from platebench.datasets.manifest import DOMAIN_KINDS
+from platebench.datasets.shards import ShardDataset
+from platebench.methods import Method
+
+from .records import FULL_PLATE
+from .runspec import RunSpec
+from .stream import PlateStream, StreamConfig
+
+
+@dataclass
+class PlateCounts:
+    plate: str
+    correct: int
+    n: int
+    loss_sum: float
+
+
+def _gather(local: list[PlateCounts]) -> list[PlateCounts]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [c for part in parts for c in part]
+
+
+class Evaluator:
+    def __init__(self, ds: ShardDataset, spec: RunSpec, method: Method, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.ds, self.spec, self.rank, self.world, self.device = ds, spec, rank, world, device
+        self.scheme = ds.manifest.scheme(spec.split_scheme)
+        self.splits = [s for s in self.scheme.splits if s != "train"]
+        self.track = type(method).track
+        req = method.data_request()
+        if self.track == "tta":
+            self.main_batch, self.main_controls = req.batch_size, req.eval_n_controls
+        else:
+            self.main_batch, self.main_controls = spec.eval.standard_batch_size, 0
+        self._streams: dict[tuple, PlateStream] = {}
+
+    def _stream(self, split: str, batch_size: int, n_controls: int) -> PlateStream:
+        key = (split, batch_size, n_controls)
+        if key not in self._streams:
+            cfg = StreamConfig(scheme=self.spec.split_scheme, split=split, batch_size=batch_size, train=False,
+                               n_controls=n_controls, seed=self.spec.seed)
+            self._streams[key] = PlateStream(self.ds, cfg, self.rank, self.world)
+        return self._streams[key]
+
+    @torch.no_grad()
+    def counts(self, method: Method, split: str, batch_size: int, n_controls: int) -> list[PlateCounts]:
+        method.eval()
+        per_plate: dict[str, PlateCounts] = {}
+        for batch in self._stream(split, batch_size, n_controls).epoch(0):
+            batch = batch.to(self.device)
+            logits = method.predict(batch)
+            labels = batch.labels[batch.queries]
+            c = per_plate.setdefault(batch.plate, PlateCounts(batch.plate, 0, 0, 0.0))
+            c.correct += int((logits.argmax(1) == labels).sum())
+            c.n += int(labels.numel())
+            c.loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        return _gather(list(per_plate.values()))
+
+    def rows(self, counts: list[PlateCounts], epoch: int, split: str, batch_size: int, n_controls: int,
+             protocol: str) -> list[dict]:
+        meta = self._stream(split, self.main_batch, self.main_controls).domains.plate_meta
+        groups: dict[tuple[str, str], list[PlateCounts]] = defaultdict(list)
+        for c in counts:
+            groups[("all", "all")].append(c)
+            for kind in DOMAIN_KINDS:
+                groups[(kind, meta[c.plate][kind])].append(c)
+        base = {"run_id": self.spec.run_id, "dataset": self.spec.dataset,
+                "dataset_checksum": self.spec.dataset_checksum, "split_scheme": self.spec.split_scheme,
+                "method": self.spec.method, "track": self.track, "seed": self.spec.seed,
+                "hparams": self.spec.hparams_json, "epoch": epoch, "split": split,
+                "split_role": self.scheme.role(split), "eval_batch_size": batch_size, "n_controls": n_controls,
+                "protocol": protocol, "harness_version": self.spec.harness_version}
+        out = []
+        for (kind, domain), cs in sorted(groups.items()):
+            n = sum(c.n for c in cs)
+            if n == 0:
+                continue
+            out.append({**base, "domain_kind": kind, "domain": domain, "metric": "accuracy",
+                        "value": sum(c.correct for c in cs) / n, "n": n})
+            if kind == "all":
+                out.append({**base, "domain_kind": kind, "domain": domain, "metric": "loss",
+                            "value": sum(c.loss_sum for c in cs) / n, "n": n})
+        return out
+
+    def main(self, method: Method, epoch: int) -> list[dict]:
+        """The leaderboard's protocol on every non-train split (called after every epoch)."""
+        rows = []
+        for split in self.splits:
+            counts = self.counts(method, split, self.main_batch, self.main_controls)
+            rows += self.rows(counts, epoch, split, self.main_batch, self.main_controls, "main")
+        return rows
+
+    def sweeps(self, method: Method, epoch: int) -> list[dict]:
+        """TTA methods on the test splits across test batch sizes and numbers of controls."""
+        if self.track != "tta":
+            return []
+        rows = []
+        tests = [s for s in self.splits if self.scheme.role(s) == "test"]
+        for split in tests:
+            for bs in self.spec.eval.tta_batch_sizes:
+                if bs == self.main_batch:
+                    continue
+                rows += self.rows(self.counts(method, split, bs, self.main_controls), epoch, split, bs,
+                                  self.main_controls, "batch-size-sweep")
+            if self.main_controls:
+                for m in self.spec.eval.control_counts:
+                    if m == self.main_controls:
+                        continue
+                    rows += self.rows(self.counts(method, split, self.main_batch, m), epoch, split,
+                                      self.main_batch, m, "controls-sweep")
+        return rows
+
+
+def main_value(rows: list[dict], split: str, metric: str = "accuracy") -> float | None:
+    for r in rows:
+        if r["split"] == split and r["domain_kind"] == "all" and r["metric"] == metric and r["protocol"] == "main":
+            return r["value"]
+    return None
+
+
+__all__ = ["FULL_PLATE", "Evaluator", "PlateCounts", "main_value"]

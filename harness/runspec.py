@@ -1,0 +1,120 @@
+"""A run = (dataset, split scheme, method, hyperparameters, backbone, seed, evaluation protocol, harness
+version). Its id is a hash of that canonical JSON: relaunching is idempotent, a finished run is never
+trained twice, and where the data lives or how many workers train it does not change the id.
+
+Everything a run needs is validated here, before any training starts: method and hyperparameters,
+split scheme, the context the method needs (e.g. negative controls), and the augmentation policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from platebench.datasets.shards import ShardDataset
+from platebench.methods import TaskSpec, get_method
+
+from . import __version__
+from .augment import check_policy
+from .batching import DomainIndex
+from .errors import HarnessError
+
+# Test batch sizes of the TTA sweep (0 = the whole plate), as in ABRA/CS-ARM-BN's batch-size figures.
+DEFAULT_TTA_BATCH_SIZES = (8, 16, 32, 64, 128, 0)
+DEFAULT_CONTROL_COUNTS = (8, 32, 128)
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    standard_batch_size: int = 64  # eval-mode predictions do not depend on it; memory only
+    tta_batch_sizes: tuple[int, ...] = DEFAULT_TTA_BATCH_SIZES
+    control_counts: tuple[int, ...] = DEFAULT_CONTROL_COUNTS
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalProtocol:
+        return cls(standard_batch_size=int(d["standard_batch_size"]), tta_batch_sizes=tuple(d["tta_batch_sizes"]),
+                   control_counts=tuple(d["control_counts"]))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    data: str
+    dataset: str
+    dataset_checksum: str
+    split_scheme: str
+    method: str
+    hparams: dict
+    backbone: str
+    seed: int
+    eval: EvalProtocol = field(default_factory=EvalProtocol)
+    harness_version: str = __version__
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        d.pop("data")  # the same dataset at another address is the same run
+        return d
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=list)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return f"{self.method.replace('+', '-')}-s{self.seed}-{digest}"
+
+    @property
+    def hparams_json(self) -> str:
+        return json.dumps(self.hparams, sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "run_id": self.run_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        d = {k: v for k, v in d.items() if k != "run_id"}
+        d["eval"] = EvalProtocol.from_dict(d["eval"])
+        return cls(**d)
+
+
+def task_spec(ds: ShardDataset) -> TaskSpec:
+    m = ds.manifest
+    return TaskSpec(num_classes=m.num_classes, channels=len(m.channels), image_size=(m.height, m.width),
+                    num_domains=DomainIndex.from_manifest(m).counts())
+
+
+def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict | None, seeds, backbone: str,
+                eval_protocol: EvalProtocol | None = None) -> list[RunSpec]:
+    """Validate a (dataset, scheme, method, hparams) combination and return one RunSpec per seed."""
+    m = ds.manifest
+    scheme = m.scheme(split_scheme)  # DatasetError naming the known schemes
+    if "train" not in scheme.splits:
+        raise HarnessError(f"split scheme {split_scheme!r} has no 'train' split")
+    cls = get_method(method)  # MethodError with the known names and closest match
+    instance_hp = _resolve(cls, hparams)
+    check_policy(instance_hp.get("augment", "flip-rot90"))
+    if cls.needs.controls and not any(p.controls for p in m.parts):
+        raise HarnessError(f"method {method!r} needs negative controls as context, but dataset {m.name!r} "
+                           f"({ds.url}) has none")
+    if cls.needs.domain_labels and len(m.plates) < 2:
+        raise HarnessError(f"method {method!r} needs several domains; dataset {m.name!r} has one plate")
+    if not seeds:
+        raise HarnessError("no seeds given")
+    return [RunSpec(data=ds.url, dataset=m.name, dataset_checksum=m.checksum(), split_scheme=split_scheme,
+                    method=method, hparams=instance_hp, backbone=backbone, seed=int(s),
+                    eval=eval_protocol or EvalProtocol()) for s in seeds]
+
+
+def _resolve(cls, hparams: dict | None) -> dict:
+    from platebench.methods.base import resolve_hparams
+
+    return resolve_hparams(cls, hparams)
+
+
+def parse_hparams(pairs: list[str] | None) -> dict:
+    """`k=v` strings from the command line (values stay strings; the method coerces and checks them)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise HarnessError(f"--hparams expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,114 @@
+"""What `platebench run`, `bench` and `sweep` share: Ray, storage, MLflow, progress output."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from platebench.datasets.storage import StorageOptions
+
+from . import faults, ray_local, tracking
+from .runner import Launch, check_storage_writable
+
+
+def add_launch_flags(p) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--out", default="platebench-out", help="output folder (MLflow store, default storage)")
+    g.add_argument("--storage", help="where records, checkpoints and done markers go (dir or s3://; default --out)")
+    g.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (DDP)")
+    g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL backend")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--max-failures", type=int, default=2, help="worker failures a run survives (FailureConfig)")
+    g.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local loopback Ray")
+    g.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: cores + 1)")
+    g.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
+    g.add_argument("--no-mlflow", action="store_true", help="records only, no MLflow")
+    g.add_argument("--inject-fault", metavar="SPEC", help="resilience drill: kill a worker once, e.g. "
+                                                          "epoch=2,step=3,rank=0,mode=exit")
+
+
+def local_cpus(args) -> int:
+    # One spare logical CPU beside the Train workers: Ray Data read tasks need it (ray-research §7.3).
+    return args.num_cpus or (os.cpu_count() or 2) + 1
+
+
+def start_ray(args) -> None:
+    ray_local.init(address=args.address, num_cpus=None if args.address else local_cpus(args))
+
+
+def launch_from_args(args, mlflow: tracking.MlflowTarget | None) -> Launch:
+    storage = args.storage or str(Path(args.out).resolve())
+    launch = Launch(storage=storage, options=StorageOptions.from_env(), workers=args.workers, use_gpu=args.gpu,
+                    cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, mlflow=mlflow,
+                    fault=args.inject_fault)
+    faults.parse(args.inject_fault)
+    check_storage_writable(launch)
+    return launch
+
+
+def max_concurrent(args) -> int:
+    if getattr(args, "max_concurrent", None):
+        return args.max_concurrent
+    if args.address:
+        return 64  # a cluster: Ray queues what does not fit
+    return max(1, (os.cpu_count() or 2) // max(1, args.workers))
+
+
+def open_tracking(args, experiment: str, parent_name: str, params: dict) -> tracking.MlflowTarget | None:
+    if args.no_mlflow:
+        return None
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    uri = args.mlflow_uri or tracking.default_uri(args.out)
+    exp = tracking.open_experiment(uri, experiment)
+    parent = tracking.start_parent(uri, exp, parent_name, params)
+    return tracking.MlflowTarget(tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
+
+
+class Progress:
+    """Runs done/total, current epochs, elapsed and ETA, on stderr while runs go on."""
+
+    def __init__(self, total: int, launch: Launch, stream=sys.stderr):
+        self.total, self.launch, self.stream = total, launch, stream
+        self.start = time.time()
+        self.done = 0
+        self.running: dict[str, object] = {}
+        self._last = 0.0
+
+    def event(self, kind: str, spec, result) -> None:
+        if kind == "started":
+            self.running[spec.run_id] = spec
+        elif kind in ("finished", "failed", "skipped"):
+            self.running.pop(spec.run_id, None)
+            self.done += 1
+            tag = {"finished": "done", "failed": "FAILED", "skipped": "already done"}[kind]
+            extra = f": {result['error']}" if kind == "failed" else ""
+            self._line(f"[{self.done}/{self.total}] {spec.method} seed {spec.seed} {tag}{extra}", force=True)
+            return
+        self._line(self._status())
+
+    def _epochs(self, spec) -> str:
+        from platebench.datasets.storage import filesystem, join
+
+        fs, root = filesystem(self.launch.storage, self.launch.options)
+        try:
+            n = len(fs.glob(join(root, "records", spec.run_id, "epoch-?????.parquet")))
+        except OSError:
+            n = 0
+        return f"{spec.method}/s{spec.seed} epoch {n}/{spec.hparams['epochs']}"
+
+    def _status(self) -> str:
+        elapsed = time.time() - self.start
+        eta = ""
+        if self.done:
+            eta = f", ETA {max(0.0, elapsed / self.done * (self.total - self.done)) / 60:.1f} min"
+        running = "; ".join(self._epochs(s) for s in self.running.values())
+        return f"[{self.done}/{self.total} runs, {elapsed / 60:.1f} min{eta}] {running}"
+
+    def _line(self, text: str, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < 15:
+            return
+        self._last = now
+        print(text, file=self.stream, flush=True)
