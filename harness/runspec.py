@@ -118,3 +118,26 @@ def parse_hparams(pairs: list[str] | None) -> dict:
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
     return out
+
+
+def check_trainable(ds: ShardDataset, spec: RunSpec, workers: int) -> int:
+    """Steps per epoch of the first epoch; an error if the train split cannot fill one batch per rank."""
+    from platebench.methods.base import resolve_hparams
+
+    from .stream import PlateStream, StreamConfig
+
+    cls = get_method(spec.method)
+    method_hp = resolve_hparams(cls, spec.hparams)
+    needs = cls.needs
+    plates_per_step = int(method_hp.get("plates_per_step", 1)) if needs.multi_plate else 1
+    cfg = StreamConfig(scheme=spec.split_scheme, split="train", batch_size=method_hp["batch_size"], train=True,
+                       plate_pure=needs.plate_pure, plates_per_step=plates_per_step, seed=spec.seed)
+    stream = PlateStream(ds, cfg, rank=0, world=workers)
+    steps = stream.steps(0)
+    if steps == 0:
+        per_plate = sorted(stream.plate_rows.values())
+        raise HarnessError(
+            f"method {spec.method!r}: the train split of {spec.split_scheme!r} gives no batch of batch_size="
+            f"{method_hp['batch_size']} with {workers} worker(s) (labelled images per plate: {per_plate[:8]}"
+            f"{' ...' if len(per_plate) > 8 else ''}); lower batch_size or use fewer workers")
+    return steps

@@ -69,7 +69,7 @@ def open_tracking(args, experiment: str, parent_name: str, params: dict) -> trac
 class Progress:
     """Runs done/total, current epochs, elapsed and ETA, on stderr while runs go on."""
 
-    def __init__(self, total: int, launch: Launch, stream=sys.stderr):
+    def __init__(self, total: int, launch: Launch, stream=None):
         self.total, self.launch, self.stream = total, launch, stream
         self.start = time.time()
         self.done = 0
@@ -111,4 +111,4 @@ class Progress:
         if not force and now - self._last < 15:
             return
         self._last = now
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stderr, flush=True)

@@ -26,13 +26,14 @@ def run(args) -> int:
     from platebench.datasets.shards import open_dataset
     from platebench.harness import session
     from platebench.harness.runner import require_runs_ok, run_many
-    from platebench.harness.runspec import build_specs, parse_hparams
+    from platebench.harness.runspec import build_specs, check_trainable, parse_hparams
 
     hparams = parse_hparams(args.hparams)
     if args.epochs is not None:
         hparams["epochs"] = args.epochs
     ds = open_dataset(args.data)
     specs = build_specs(ds, args.split_scheme, args.method, hparams, args.seeds, args.backbone)
+    check_trainable(ds, specs[0], args.workers)
     mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}",
                                    parent_name=f"run {args.method} on {ds.manifest.name}/{args.split_scheme}",
                                    params={"method": args.method, "seeds": args.seeds, "data": args.data,

@@ -1,0 +1,123 @@
+"""`platebench run` on Ray Train: records, idempotence, resume, worker failure, errors before training."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from platebench.harness.cli import main
+from platebench.harness.records import read_records
+
+
+@pytest.fixture(scope="module")
+def small_ds(tmp_path_factory):
+    from shard_fixtures import build_tiny_dataset
+
+    return build_tiny_dataset(tmp_path_factory.mktemp("runs") / "ds", images_per_plate=32)
+
+
+def _run(ds, out, *extra, method="erm", epochs=2):
+    return main(["run", "--data", ds, "--split-scheme", "new_batches", "--method", method, "--seeds", "0",
+                 "--epochs", str(epochs), "--hparams", "batch_size=8", "--out", str(out), *extra])
+
+
+def _record_files(out) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in Path(out, "records").rglob("*.parquet")}
+
+
+def _assert_complete(out, epochs):
+    t = read_records(str(out)).to_pandas()
+    main_rows = t[t.protocol == "main"]
+    assert sorted(main_rows.epoch.unique()) == list(range(1, epochs + 1))
+    assert set(main_rows.split) == {"val", "id_test", "test"}
+    key = ["run_id", "epoch", "split", "domain_kind", "domain", "metric", "protocol", "eval_batch_size", "n_controls"]
+    assert not main_rows.duplicated(key).any()
+    assert set(main_rows.domain_kind) == {"all", "plate", "batch", "source", "cell_type"}
+    overall = main_rows[(main_rows.domain_kind == "all") & (main_rows.metric == "accuracy")]
+    assert overall.value.between(0, 1).all() and len(overall) == 3 * epochs
+    return t
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_run_writes_complete_records_and_mlflow_and_is_never_trained_twice(small_ds, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(small_ds, out) == 0
+    t = _assert_complete(out, 2)
+    run_id = t.run_id.iloc[0]
+    assert (out / "runs" / run_id / "done.json").exists()
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [r for r in runs if r.data.tags.get("platebench.kind") == "parent"]
+    child = [r for r in runs if r.data.tags.get("platebench.run_id") == run_id]
+    assert len(parent) == 1 and len(child) == 1
+    assert child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert {"lr", "epochs", "dataset_checksum", "harness_version", "seed"} <= set(child[0].data.params)
+    assert "test/accuracy" in child[0].data.metrics and "val/accuracy/batch:b2" in child[0].data.metrics
+    assert {a.path for a in client.list_artifacts(child[0].info.run_id)} >= {"config.json", "selected.json"}
+
+    before = _record_files(out)
+    capsys.readouterr()
+    assert _run(small_ds, out) == 0
+    assert "(already done)" in capsys.readouterr().out
+    assert _record_files(out) == before  # nothing retrained, nothing rewritten
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_interrupted_run_continues_from_its_checkpoint(small_ds, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = _run(small_ds, out, "--inject-fault", "epoch=2,step=0,rank=0,mode=raise", "--max-failures", "0",
+              "--no-mlflow", epochs=3)
+    assert rc == 2 and "INJECTED FAULT" in capsys.readouterr().err
+    first = _record_files(out)
+    assert list(first) == ["epoch-00001.parquet"]
+    assert _run(small_ds, out, "--no-mlflow", epochs=3) == 0  # the same command again
+    after = _record_files(out)
+    assert after["epoch-00001.parquet"] == first["epoch-00001.parquet"]  # epoch 1 was not trained again
+    _assert_complete(out, 3)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_worker_killed_mid_epoch_resumes_and_records_have_no_gaps_or_duplicates(small_ds, tmp_path):
+    out = tmp_path / "out"
+    assert _run(small_ds, out, "--inject-fault", "epoch=2,step=1,rank=0,mode=exit", "--max-failures", "2",
+                "--no-mlflow", epochs=3) == 0
+    assert any(Path(out, "faults").iterdir())  # the worker really died once
+    _assert_complete(out, 3)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "ermm"], "unknown method 'ermm'. Did you mean 'erm'?"),
+    (["--method", "erm", "--hparams", "learning_rate=0.1"], "unknown hyperparameter 'learning_rate'"),
+    (["--method", "erm", "--hparams", "lr=fast"], "hyperparameter 'lr' needs a float, got 'fast'"),
+    (["--method", "erm", "--split-scheme", "new_lab"], "split scheme 'new_lab' is not in the manifest"),
+    (["--method", "erm", "--hparams", "batch_size=64"], "gives no batch of batch_size=64 with 1 worker(s)"),
+])
+def test_bad_input_fails_before_training(small_ds, tmp_path, capsys, argv, message):
+    base = ["run", "--data", small_ds, "--split-scheme", "new_batches", "--out", str(tmp_path), "--no-mlflow"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unreachable_mlflow_server_fails_before_training(small_ds, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(["run", "--data", small_ds, "--split-scheme", "new_batches", "--method", "erm", "--out", str(tmp_path),
+               "--hparams", "batch_size=8", "--mlflow-uri", f"http://127.0.0.1:{port}"])
+    assert rc == 2 and "MLflow tracking server http://127.0.0.1" in capsys.readouterr().err
+
+
+def test_storage_without_write_permission_fails_before_training(small_ds, tmp_path, capsys, s3_server, monkeypatch):
+    s3_server.create_bucket("pb-readonly")
+    monkeypatch.setenv("PLATEBENCH_S3_ENDPOINT", s3_server.endpoint)
+    monkeypatch.setenv("PLATEBENCH_S3_ANON", "1")
+    rc = main(["run", "--data", small_ds, "--split-scheme", "new_batches", "--method", "erm", "--out", str(tmp_path),
+               "--hparams", "batch_size=8", "--no-mlflow", "--storage", "s3://pb-readonly/runs"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "storage s3://pb-readonly/runs is not writable" in err
+    assert not os.path.exists(tmp_path / "records")
