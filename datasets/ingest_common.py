@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import DatasetError
@@ -55,12 +55,6 @@ class IngestPlan:
     def shared(self) -> IngestPlan:
         """The plan without its plate list: what every plate task needs (small to ship)."""
         return replace(self, plates=[], skipped=[])
-
-    def plate(self, name: str) -> dict:
-        for p in self.plates:
-            if p["plate"] == name:
-                return p
-        raise DatasetError(f"plate {name!r} is not in the ingest plan")
 
     def fingerprint(self, plate: Mapping, skip_bad: bool) -> str:
         """Content id of one plate's output: if it matches a written plate's, the plate is not rewritten."""
@@ -167,10 +161,6 @@ def with_batches(pred: dict, batches: Iterable[str]) -> dict:
     return {"all": [{"column": "batch", "in": sorted(set(batches))}, pred]}
 
 
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def plan_summary(plan: IngestPlan) -> dict:
     """Small JSON-able description for logs and tests."""
     return {"adapter": plan.adapter, "name": plan.name, "plates": len(plan.plates),
@@ -181,9 +171,3 @@ def plan_summary(plan: IngestPlan) -> dict:
 
 def scheme(description: str, splits: dict, selection_split: str, rule: str) -> SplitScheme:
     return SplitScheme(description=description, splits=splits, selection_split=selection_split, selection_rule=rule)
-
-
-def asdict_plan(plan: IngestPlan) -> dict:
-    d = asdict(plan)
-    d["src_options"] = plan.src_options.to_dict() if plan.src_options else None
-    return d

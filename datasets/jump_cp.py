@@ -165,8 +165,7 @@ def plan_jump(cfg: dict, *, src_options, skip_bad: bool, pmap=map) -> IngestPlan
     path_map = [list(x.split("=", 1)) if isinstance(x, str) else list(x) for x in cfg["path_map"]]
     specs = [{"source": p["source"], "batch": p["batch"], "plate": p["plate"], "illum": cfg["illum"],
               "folder": jump_load_data.folder(src, p["source"], p["batch"], p["plate"]),
-              "channels": list(cfg["channels"]), "path_map": path_map, "options": src_options,
-              "known_plates": sorted(known.get(p["source"], ()))} for p in plates]
+              "channels": list(cfg["channels"]), "path_map": path_map, "options": src_options} for p in plates]
     scans = {s["plate"]: s for s in pmap(jump_load_data.scan, specs)}
 
     dropped: dict[str, set] = defaultdict(set)
@@ -180,7 +179,9 @@ def plan_jump(cfg: dict, *, src_options, skip_bad: bool, pmap=map) -> IngestPlan
             bad.bad(f"plate {p['source']}/{p['plate']}", sc["missing"]["file"], sc["missing"]["reason"])
             continue
         for prob in sc["problems"]:
-            bad.bad(prob["item"], prob["file"], prob["reason"])
+            where = ("which is not in plate.csv.gz" if prob["plate"] not in known.get(prob["source"], ())
+                     else f"but this is the load_data of {p['source']}/{p['plate']}")
+            bad.bad(prob["item"], prob["file"], f"load_data row lists plate {prob['source']}/{prob['plate']}, {where}")
         wmap = wells.get((p["source"], p["plate"]), {})
         plate_wells = {}
         for w, n in sc["wells"].items():
@@ -336,7 +337,7 @@ def load_jump(plan: IngestPlan, plate: dict, skipped: list | None):
         "label": [plate["wells"][r["well"]][1] for r in keep],
         "is_control": [plate["wells"][r["well"]][2] for r in keep],
     }
-    return make_table(meta, images[ok], plan.extra_columns)
+    return make_table(meta, images if ok.all() else images[ok], plan.extra_columns)  # no copy when all good
 
 
 def _illum_functions(rows: list[dict], opts) -> dict:

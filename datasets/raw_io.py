@@ -49,18 +49,19 @@ def exists(url: str, options: StorageOptions | None) -> bool:
 
 
 def first_existing(folder: str, names: Iterable[str], options: StorageOptions | None) -> str | None:
-    """URL of the first of `names` present in `folder` (one listing, not one request per name)."""
+    """URL of the first of `names` present in `folder`: one listing, or (HTTP, e.g. a GitHub raw URL,
+    which cannot list) one existence check per name."""
+    names = list(names)
     fs, path = filesystem(folder, options)
     try:
+        if str(folder).startswith(("http://", "https://")):
+            return next((url_join(folder, n) for n in names if fs.exists(url_join(path, n))), None)
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise describe_error(exc, folder) from exc
-    for name in names:
-        if name in present:
-            return url_join(folder, name)
-    return None
+    return next((url_join(folder, n) for n in names if n in present), None)
 
 
 def _gunzip(data: bytes, url: str) -> bytes:

@@ -203,7 +203,7 @@ def load_plate_images(plan: IngestPlan, plate: dict, skipped: list | None,
         "is_control": [rows["well_type"][i] == neg for i in keep],
         "dataset": [rows["dataset"][i] for i in keep], "well_type": [rows["well_type"][i] for i in keep],
     }
-    return make_table(meta, images[keep], plan.extra_columns)
+    return make_table(meta, images if ok.all() else images[keep], plan.extra_columns)  # no copy when all good
 
 
 # ---------------------------------------------------------------------------------------------

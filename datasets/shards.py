@@ -225,40 +225,62 @@ class ShardDataset:
     def part_url(self, part: Part) -> str:
         return f"{self.url}/{part.path}"
 
-    def read_part(self, part: Part, columns: Sequence[str] | None = None, verify: bool = False) -> pa.Table:
-        """Read and validate one part; `columns` projects (image length checks need 'image')."""
+    def read_part(self, part: Part, columns: Sequence[str] | None = None, verify: bool = False,
+                  retries: int = 0, backoff_s: float = 1.0) -> pa.Table:
+        """Read and validate one part; `columns` projects (image length checks need 'image').
+
+        Whole parts are fetched first and parsed from memory, so a failed fetch (a StorageError, retried
+        `retries` times with exponential backoff) is never confused with a damaged file (a DatasetError).
+        """
         where = self.part_url(part)
         path = join(self.root, part.path)
-        try:
-            if verify:
-                data = self.fs.cat_file(path)
-                digest = hashlib.sha256(data).hexdigest()
-                if digest != part.sha256:
-                    raise DatasetError(f"{where}: checksum mismatch (manifest sha256 {part.sha256[:12]}..., "
-                                       f"file {digest[:12]}...)")
-                source = pa.BufferReader(data)
-            else:
-                source = self.fs.open(path, "rb")
+        if columns:  # metadata only: range reads of the needed column chunks
             try:
-                pf = pq.ParquetFile(source)
-                table = pf.read(columns=list(columns) if columns else None)
-            finally:
-                if not verify:
-                    source.close()
-        except DatasetError:
-            raise
-        except FileNotFoundError:
-            raise DatasetError(f"{where}: part listed in the manifest is missing") from None
-        except PermissionError as exc:
-            raise describe_error(exc, where) from exc
-        except tuple(e for e in STORAGE_ERRORS if e is not OSError) as exc:
-            raise describe_error(exc, where) from exc
+                with self.fs.open(path, "rb") as fh:
+                    pf = pq.ParquetFile(fh)
+                    table = pf.read(columns=list(columns))
+            except FileNotFoundError:
+                raise DatasetError(f"{where}: part listed in the manifest is missing") from None
+            except PermissionError as exc:
+                raise describe_error(exc, where) from exc
+            except tuple(e for e in STORAGE_ERRORS if e is not OSError) as exc:
+                raise describe_error(exc, where) from exc
+            except (pa.ArrowException, OSError) as exc:
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise DatasetError(f"{where}: cannot read part (damaged file or failed read: {first[:200]})") from None
+            self._check_part(pf.schema_arrow, table, part, where)
+            return table
+        data = self._fetch(path, where, retries, backoff_s)
+        if verify:
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != part.sha256:
+                raise DatasetError(f"{where}: checksum mismatch (manifest sha256 {part.sha256[:12]}..., "
+                                   f"file {digest[:12]}...)")
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            table = pf.read()
         except (pa.ArrowException, OSError) as exc:
-            # Arrow reports corrupt pages as OSError too; the message tells a read failure from damage.
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise DatasetError(f"{where}: cannot read part (damaged file or failed read: {first[:200]})") from None
+            raise DatasetError(f"{where}: damaged part, not a readable Parquet file ({first[:200]})") from None
         self._check_part(pf.schema_arrow, table, part, where)
         return table
+
+    def _fetch(self, path: str, where: str, retries: int, backoff_s: float) -> bytes:
+        import time
+
+        for attempt in range(retries + 1):
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                raise DatasetError(f"{where}: part listed in the manifest is missing") from None
+            except STORAGE_ERRORS as exc:
+                if isinstance(exc, PermissionError) or attempt == retries:
+                    err = describe_error(exc, where)
+                    if attempt:
+                        err = StorageError(f"{err} (gave up after {attempt + 1} attempts)")
+                    raise err from exc
+                time.sleep(backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _check_part(self, file_schema: pa.Schema, table: pa.Table, part: Part, where: str) -> None:
         expected = self.manifest.schema()

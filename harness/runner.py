@@ -62,7 +62,7 @@ def check_storage_writable(launch: Launch) -> None:
         raise describe_error(exc, f"storage {launch.storage} is not writable") from exc
 
 
-def make_trainer(spec: RunSpec, launch: Launch):
+def make_trainer(spec: RunSpec, launch: Launch, callbacks: list | None = None):
     import ray.train
     from platebench.datasets.storage import pyarrow_filesystem
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -84,17 +84,18 @@ def make_trainer(spec: RunSpec, launch: Launch):
         run_config=ray.train.RunConfig(
             name=spec.run_id, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
     )
 
 
-def fit_run(spec: RunSpec, launch: Launch) -> dict:
+def fit_run(spec: RunSpec, launch: Launch, callbacks: list | None = None) -> dict:
     """Train one run to completion (resuming if it was interrupted) and write its done marker."""
     existing = read_done(launch, spec.run_id)
     if existing is not None:
         return {**existing, "skipped": True}
     t0 = time.time()
-    result = make_trainer(spec, launch).fit()
+    result = make_trainer(spec, launch, callbacks).fit()
     metrics = dict(result.metrics or {})
     summary = {"run_id": spec.run_id, "method": spec.method, "seed": spec.seed, "spec": spec.to_dict(),
                "seconds": time.time() - t0, "final_metrics": metrics, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from platebench.datasets.shards import ShardDataset
-from platebench.datasets.storage import join, pyarrow_filesystem
 
 from .augment import check_policy
 from .batching import DomainIndex, to_batch
@@ -41,6 +40,7 @@ class StreamConfig:
     augment: str | None = None  # policy name, training only
     read_cpus: float = 0.25  # per read task: leaves room beside Train workers (ray-research §7.3)
     prefetch_blocks: int = 2
+    read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
     keep_ids: bool = False
 
     def rebatch_spec(self, epoch: int) -> RebatchSpec:
@@ -109,34 +109,34 @@ class PlateStream:
         return self.plan(epoch)[1]
 
     # -- reading ----------------------------------------------------------------------------
-    def _part_paths(self, plates: list[str], epoch: int) -> list[str]:
-        fs, root = pyarrow_filesystem(self.ds.url, self.ds.options)
-        self._pafs = fs
-        paths = []
+    def _parts(self, plates: list[str], epoch: int) -> list:
+        parts = []
         for plate in plates:
-            parts = self.manifest.parts_of(plate)
+            mine = self.manifest.parts_of(plate)
             # Control-bearing parts first (the writer puts controls first), then the rest in a seeded order.
-            ctrl = [p for p in parts if p.controls]
-            rest = [p for p in parts if not p.controls]
+            ctrl = [p for p in mine if p.controls]
+            rest = [p for p in mine if not p.controls]
             if self.config.train and len(rest) > 1:
-                rng = np.random.default_rng([self.config.seed, epoch, len(paths)])
+                rng = np.random.default_rng([self.config.seed, epoch, len(parts)])
                 rest = [rest[i] for i in rng.permutation(len(rest))]
-            paths += [join(root, p.path) for p in ctrl + rest]
-        return paths
+            parts += ctrl + rest
+        return parts
 
     def blocks(self, plates: list[str], epoch: int) -> Iterator[pa.Table]:
         import ray.data
 
-        paths = self._part_paths(plates, epoch)
-        if not paths:
+        from .shard_source import PlateShardDatasource
+
+        parts = self._parts(plates, epoch)
+        if not parts:
             return
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
         ctx.enable_progress_bars = False
-        ds = ray.data.read_parquet(paths, filesystem=self._pafs, override_num_blocks=len(paths),
-                                   num_cpus=self.config.read_cpus)
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow",
-                                   prefetch_batches=self.config.prefetch_blocks)
+        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
+        data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus)
+        yield from data.iter_batches(batch_size=None, batch_format="pyarrow",
+                                     prefetch_batches=self.config.prefetch_blocks)
 
     def _masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         n = block.num_rows

@@ -1,11 +1,89 @@
-"""`platebench bench` (not implemented yet)."""
+"""`platebench bench`: the default benchmark (or a suite file) end to end, resumable."""
 
-from ..errors import HarnessError
+from __future__ import annotations
 
 
 def add_parser(sub):
-    return sub.add_parser("bench", help="(not implemented yet)")
+    from platebench.harness.session import add_launch_flags
+
+    p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 3 seeds on quickstart) and "
+                                     "write its leaderboard",
+                       description="Generate the dataset if absent, train every (method, seed) of the suite as "
+                                   "concurrent Ray Train runs, then write the leaderboard. Interrupt and re-run to "
+                                   "finish only what is missing. Flags override the suite.")
+    p.add_argument("--config", metavar="FILE", help="suite YAML (default: the built-in quickstart suite)")
+    p.add_argument("--preset", help="synthetic dataset preset (overrides the suite's dataset)")
+    p.add_argument("--data", help="dataset URL (overrides the suite's dataset)")
+    p.add_argument("--split-scheme")
+    p.add_argument("--methods", nargs="+", help="method names (replace the suite's list)")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--epochs", type=int, help="epochs for every method")
+    p.add_argument("--backbone")
+    p.add_argument("--baseline")
+    p.add_argument("--max-concurrent", type=int, help="runs trained at once (default: cores / workers)")
+    add_launch_flags(p)
+    p.set_defaults(workers=None)
+    return p
+
+
+def _apply_flags(suite, args) -> None:
+    if args.preset:
+        suite.dataset = {"preset": args.preset, "seed": suite.dataset.get("seed", 0)}
+    if args.data:
+        suite.dataset = {"url": args.data}
+    if args.methods:
+        suite.methods = {m: suite.methods.get(m, {}) for m in args.methods}
+        if suite.baseline not in suite.methods:
+            suite.baseline = args.methods[0]
+    for key in ("split_scheme", "seeds", "epochs", "backbone", "baseline", "workers"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(suite, key, value)
 
 
 def run(args) -> int:
-    raise HarnessError("'platebench bench' is not implemented yet")
+    import time
+    from pathlib import Path
+
+    from platebench.datasets.shards import open_dataset
+    from platebench.harness import bench, session
+    from platebench.harness.leaderboard import build_leaderboard
+    from platebench.harness.records import read_records
+    from platebench.harness.report import to_markdown, write_report
+    from platebench.harness.runner import require_runs_ok, run_many
+    from platebench.harness.tracking import end_parent
+
+    t0 = time.time()
+    suite = bench.Suite.load(args.config) if args.config else bench.default_suite()
+    _apply_flags(suite, args)
+    args.workers = suite.workers
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    session.start_ray(args)  # dataset generation runs on Ray too
+    url = bench.ensure_dataset(suite, out)
+    ds = open_dataset(url)
+    specs = bench.build_all_specs(suite, ds)  # every run validated before any training
+    mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}",
+                                   parent_name=f"bench {suite.name}",
+                                   params={"suite": suite.name, "data": url, "split_scheme": suite.split_scheme,
+                                           "methods": ",".join(suite.methods), "seeds": suite.seeds,
+                                           "epochs": suite.epochs, "backbone": suite.backbone})
+    launch = session.launch_from_args(args, mlflow)
+    print(f"bench {suite.name}: {len(suite.methods)} methods x {len(suite.seeds)} seeds = {len(specs)} runs on "
+          f"{url} ({suite.split_scheme}); {session.max_concurrent(args)} at once", flush=True)
+    progress = session.Progress(len(specs), launch)
+    results = run_many(specs, launch, session.max_concurrent(args), progress.event)
+    records = read_records(launch.storage, launch.options, run_ids=[s.run_id for s in specs])
+    files: list[str] = []
+    if len(records):
+        board = build_leaderboard(records, baseline=suite.baseline)
+        files = write_report(board, str(out))
+        print(to_markdown(board))
+    if mlflow:
+        end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
+                   status="FAILED" if any("error" in r for r in results) else "FINISHED",
+                   artifacts=[f for f in files if f.endswith((".md", ".json", ".html", ".png", ".csv"))])
+    print(f"bench {suite.name}: {sum('error' not in r for r in results)}/{len(specs)} runs complete in "
+          f"{(time.time() - t0) / 60:.1f} min; leaderboard in {out}/leaderboard.md", flush=True)
+    require_runs_ok(results)
+    return 0

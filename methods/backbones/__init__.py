@@ -1,4 +1,8 @@
-"""Backbones by name. `build_backbone("resnet50", in_channels=6)`; see BACKBONES for the names."""
+"""Backbones by name. `build_backbone("resnet50", in_channels=6)`; see BACKBONES for the names.
+
+A spec is either a name in BACKBONES or "<prefix>:<rest>" resolved by BACKBONE_PREFIXES
+(e.g. "timm:convnext_tiny", available when the optional package timm is installed).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,35 @@ from collections.abc import Callable
 
 from ..base import MethodError
 from .base import INSERTION_POINTS, Backbone
+from .densenet import densenet121, densenet161
 from .resnet import resnet18, resnet34, resnet50, resnet_tiny
+from .timm_adapter import timm_backbone
+from .weights import load_torchvision_state_dict
 
 BACKBONES: dict[str, Callable[[int], Backbone]] = {
     "resnet-tiny": resnet_tiny,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "densenet121": densenet121,
+    "densenet161": densenet161,
+}
+
+# "<prefix>:<rest>" specs: the factory receives <rest> and the number of input channels.
+BACKBONE_PREFIXES: dict[str, Callable[[str, int], Backbone]] = {
+    "timm": timm_backbone,
 }
 
 
 def build_backbone(spec: str, in_channels: int) -> Backbone:
     if spec in BACKBONES:
         return BACKBONES[spec](in_channels)
-    raise MethodError(f"unknown backbone {spec!r}; known: {', '.join(sorted(BACKBONES))}")
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in BACKBONE_PREFIXES and rest:
+        return BACKBONE_PREFIXES[prefix](rest, in_channels)
+    prefixes = ", ".join(f"{p}:<name>" for p in sorted(BACKBONE_PREFIXES))
+    raise MethodError(f"unknown backbone {spec!r}; known: {', '.join(sorted(BACKBONES))}, or {prefixes}")
 
 
-__all__ = ["BACKBONES", "INSERTION_POINTS", "Backbone", "build_backbone"]
+__all__ = ["BACKBONES", "BACKBONE_PREFIXES", "INSERTION_POINTS", "Backbone", "build_backbone",
+           "load_torchvision_state_dict"]

@@ -26,7 +26,8 @@ class Backbone(nn.Module):
         if point not in INSERTION_POINTS:
             raise ValueError(f"unknown insertion point {point!r}; known: {INSERTION_POINTS}")
         if module is None:
-            self.inserts.pop(point, None)
+            if point in self.inserts:  # ModuleDict.pop takes no default
+                del self.inserts[point]
         else:
             self.inserts[point] = module
 

@@ -1,0 +1,136 @@
+"""Seed-level statistics for leaderboard comparisons: a method against the baseline on the same seeds.
+
+Everything here takes plain `{seed: value}` mappings and returns plain numbers (None where a statistic
+is undefined), so the leaderboard can put the results straight into JSON. scipy does the tests; only
+Holm's step-down correction is written out, because statsmodels is not a dependency.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+N_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Summary:
+    mean: float | None
+    std: float | None  # sample std (ddof=1); None for fewer than 2 values
+    n: int
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    """Mean and sample standard deviation (ddof=1, as WILDS reports) of per-seed values."""
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0:
+        return Summary(None, None, 0)
+    std = _finite(np.std(arr, ddof=1)) if arr.size >= 2 else None
+    return Summary(_finite(arr.mean()), std, int(arr.size))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A method vs the baseline on the seeds both have (`seeds`)."""
+
+    seeds: tuple[int, ...]
+    n_paired: int
+    same_seeds: bool  # False when either side has a seed the other lacks (the row is then incomplete)
+    diff_mean: float | None  # mean of (method - baseline) over the paired seeds
+    p_paired_t: float | None
+    p_wilcoxon: float | None
+    diff_ci95: tuple[float, float] | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        d["diff_ci95"] = list(self.diff_ci95) if self.diff_ci95 is not None else None
+        return d
+
+
+def paired_t_pvalue(method: Sequence[float], baseline: Sequence[float]) -> float | None:
+    """Two-sided paired t-test (scipy.stats.ttest_rel). None for n < 2 and where scipy gives NaN
+    (every difference identical to the others and zero: no variance, no evidence either way).
+    Constant non-zero differences give t = ±inf and scipy's p = 0.0, which is kept as scipy reports it."""
+    if len(method) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns on zero-variance differences
+        return _finite(stats.ttest_rel(method, baseline, alternative="two-sided").pvalue)
+
+
+def wilcoxon_pvalue(method: Sequence[float], baseline: Sequence[float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero_method="wilcox": zero
+    differences are dropped). None when no non-zero difference remains: scipy then answers p = 1.0,
+    which would read as a test that ran. With n paired seeds the smallest possible p is 2 / 2**n
+    (0.25 for 3 seeds), so this test cannot reach 0.05 below 6 seeds; it is reported for larger sweeps."""
+    diffs = np.asarray(method, dtype=float) - np.asarray(baseline, dtype=float)
+    if diffs.size == 0 or not np.any(diffs != 0):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _finite(stats.wilcoxon(diffs, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def bootstrap_ci(diffs: Sequence[float], *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of the mean paired difference (scipy.stats.bootstrap, seeded so a
+    leaderboard rebuilt from the same records is identical). None for fewer than 2 differences.
+    With 3 seeds there are only 10 distinct resample means: the interval is coarse, not wrong."""
+    arr = np.asarray(list(diffs), dtype=float)
+    if arr.size < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate (all-equal) samples warn; the interval is then [d, d]
+        res = stats.bootstrap((arr,), np.mean, n_resamples=n_resamples, method="percentile",
+                              confidence_level=confidence, rng=np.random.default_rng(seed))
+    lo, hi = _finite(res.confidence_interval.low), _finite(res.confidence_interval.high)
+    if lo is None or hi is None:
+        return None
+    return (lo, hi)
+
+
+def compare_paired(method: Mapping[int, float], baseline: Mapping[int, float], *,
+                   n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> PairedComparison:
+    """All paired statistics of `method` against `baseline` on the intersection of their seeds."""
+    seeds = tuple(sorted(set(method) & set(baseline)))
+    m = [float(method[s]) for s in seeds]
+    b = [float(baseline[s]) for s in seeds]
+    diffs = [x - y for x, y in zip(m, b)]
+    return PairedComparison(
+        seeds=seeds,
+        n_paired=len(seeds),
+        same_seeds=set(method) == set(baseline),
+        diff_mean=_finite(np.mean(diffs)) if diffs else None,
+        p_paired_t=paired_t_pvalue(m, b),
+        p_wilcoxon=wilcoxon_pvalue(m, b),
+        diff_ci95=bootstrap_ci(diffs, n_resamples=n_resamples, seed=seed),
+    )
+
+
+def holm(pvalues: Sequence[float | None], alpha: float = 0.05) -> list[tuple[float | None, bool | None]]:
+    """Holm's step-down correction over the non-None p-values (None entries are not comparisons and
+    come back as (None, None)). Sorted p(1) <= ... <= p(m): adjusted p(i) = max over j <= i of
+    min(1, (m - j + 1) * p(j)); a hypothesis is rejected when its adjusted p <= alpha, which is the
+    same as stopping at the first p(i) > alpha / (m - i + 1)."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    m = len(idx)
+    out: list[tuple[float | None, bool | None]] = [(None, None)] * len(pvalues)
+    running = 0.0
+    # Stable sort: equal p-values keep their input order, which does not change any adjusted value.
+    for rank, i in enumerate(sorted(idx, key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = (running, running <= alpha)
+    return out

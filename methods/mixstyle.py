@@ -1,0 +1,60 @@
+"""MixStyle (Zhou et al., ICLR 2021; methods-research §3.6): mix instance feature statistics across plates.
+
+Training: each step receives `plates_per_step` plate-pure batches, concatenated into one forward so
+that styles mix *across* plates (with one plate per batch MixStyle would only mix within a plate).
+After each backbone stage in `layers`, with probability `p`, every sample's detached channel
+mean/std is replaced by a Beta(α, α) mix of its own and a partner's. Test: the layers are the
+identity and prediction is ERM's (standard track).
+"""
+
+from __future__ import annotations
+
+from .base import Batch, MethodError, Needs, as_list
+from .blocks.style import MixStyleLayer, parse_insertion_points
+from .erm import ERM
+from .grouping import check_plates_per_step, multi_plate_request, plate_positions
+from .registry import register
+
+
+@register("mixstyle")
+class MixStyle(ERM):
+    track = "standard"
+    needs = Needs(plate_pure=True, multi_plate=True)
+    defaults = {
+        "p": 0.5,  # probability that a layer mixes on a given forward
+        "alpha": 0.1,  # Beta(α, α) for the mixing weight λ
+        "layers": "res1,res2,res3",  # insertion points (comma-separated)
+        "mix": "random",  # random | crossdomain (partner drawn from another plate of the step)
+        "eps": 1e-6,
+        "plates_per_step": 2,
+    }
+    summary = "Mixes instance feature statistics between samples of different plates (train only)."
+
+    def build(self) -> None:
+        super().build()
+        hp = self.hparams
+        check_plates_per_step(self)
+        if not 0.0 <= hp["p"] <= 1.0 or hp["alpha"] <= 0:
+            raise MethodError(f"method {self.name!r}: needs 0 <= p <= 1 and alpha > 0, "
+                              f"got p={hp['p']}, alpha={hp['alpha']}")
+        if hp["mix"] not in MixStyleLayer.MIXES:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'mix' must be one of {MixStyleLayer.MIXES}, "
+                              f"got {hp['mix']!r}")
+        points = parse_insertion_points(self.name, hp["layers"])
+        self.style_layers = [MixStyleLayer(hp["p"], hp["alpha"], hp["eps"], hp["mix"]) for _ in points]
+        for point, layer in zip(points, self.style_layers):
+            self.network.featurizer.set_insert(point, layer)
+
+    def data_request(self):
+        return multi_plate_request(self)
+
+    def training_step(self, batches: Batch | list[Batch]) -> dict[str, float]:
+        batches = as_list(batches)
+        groups = plate_positions(batches)
+        for layer in self.style_layers:
+            layer.set_groups(groups)
+        try:
+            return super().training_step(batches)
+        finally:
+            for layer in self.style_layers:
+                layer.set_groups(None)

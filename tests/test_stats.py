@@ -1,0 +1,96 @@
+"""harness.stats against scipy/numpy on fixed numbers, and Holm against hand-computed examples."""
+
+import math
+
+import numpy as np
+import pytest
+from platebench.harness import stats
+from scipy import stats as sps
+
+METHOD = [0.274, 0.277, 0.301, 0.268, 0.290]
+BASE = [0.250, 0.262, 0.279, 0.270, 0.281]
+
+
+def test_summarize_matches_numpy_ddof1():
+    s = stats.summarize(METHOD)
+    assert s.n == 5
+    assert s.mean == pytest.approx(np.mean(METHOD), abs=1e-15)
+    assert s.std == pytest.approx(np.std(METHOD, ddof=1), abs=1e-15)
+    # hand check: values 1, 2, 4 -> mean 7/3, sample variance (16/9 + 1/9 + 25/9) / 2 = 7/3
+    h = stats.summarize([1.0, 2.0, 4.0])
+    assert h.mean == pytest.approx(7 / 3) and h.std == pytest.approx(math.sqrt(7 / 3))
+
+
+def test_summarize_small():
+    assert stats.summarize([0.5]) == stats.Summary(0.5, None, 1)
+    assert stats.summarize([]) == stats.Summary(None, None, 0)
+
+
+def test_paired_t_matches_scipy_and_hand_value():
+    assert stats.paired_t_pvalue(METHOD, BASE) == pytest.approx(sps.ttest_rel(METHOD, BASE).pvalue, rel=1e-12)
+    # diffs 1, 2, 3, 5: mean 2.75, sd sqrt(8.75 / 3), t = 2.75 / (sd / 2), df 3
+    t = 2.75 / (math.sqrt(8.75 / 3) / 2)
+    assert stats.paired_t_pvalue([2, 4, 6, 9], [1, 2, 3, 4]) == pytest.approx(2 * sps.t.sf(t, 3), rel=1e-12)
+
+
+def test_paired_t_undefined():
+    assert stats.paired_t_pvalue([0.3], [0.2]) is None  # n < 2
+    assert stats.paired_t_pvalue([0.3, 0.4], [0.3, 0.4]) is None  # no differences: scipy gives NaN
+
+
+def test_wilcoxon_matches_scipy():
+    expected = sps.wilcoxon(np.array(METHOD) - np.array(BASE)).pvalue
+    assert stats.wilcoxon_pvalue(METHOD, BASE) == pytest.approx(expected, rel=1e-12)
+    # exact distribution, 3 positive differences: P(W=0) two-sided = 2 / 2**3
+    assert stats.wilcoxon_pvalue([2, 3, 4], [1, 1, 1]) == pytest.approx(0.25)
+
+
+def test_wilcoxon_null_when_all_differences_zero():
+    assert stats.wilcoxon_pvalue([0.3, 0.4, 0.5], [0.3, 0.4, 0.5]) is None
+    assert stats.wilcoxon_pvalue([], []) is None
+
+
+def test_bootstrap_matches_scipy_with_same_seed():
+    diffs = np.array(METHOD) - np.array(BASE)
+    ref = sps.bootstrap((diffs,), np.mean, n_resamples=2000, method="percentile", confidence_level=0.95,
+                        rng=np.random.default_rng(7)).confidence_interval
+    lo, hi = stats.bootstrap_ci(diffs, n_resamples=2000, seed=7)
+    assert (lo, hi) == (pytest.approx(ref.low, abs=1e-15), pytest.approx(ref.high, abs=1e-15))
+    assert min(diffs) <= lo <= np.mean(diffs) <= hi <= max(diffs)
+    assert stats.bootstrap_ci(diffs) == stats.bootstrap_ci(diffs)  # seeded: reproducible
+
+
+def test_bootstrap_small_and_degenerate():
+    assert stats.bootstrap_ci([0.1]) is None
+    assert stats.bootstrap_ci([0.02, 0.02, 0.02]) == (pytest.approx(0.02), pytest.approx(0.02))
+
+
+def test_compare_paired_uses_seed_intersection():
+    method = {0: 0.30, 1: 0.32, 2: 0.35}
+    base = {0: 0.28, 1: 0.31, 3: 0.40}
+    c = stats.compare_paired(method, base, n_resamples=500)
+    assert c.seeds == (0, 1) and c.n_paired == 2 and c.same_seeds is False
+    assert c.diff_mean == pytest.approx(0.015)
+    assert c.p_paired_t == pytest.approx(sps.ttest_rel([0.30, 0.32], [0.28, 0.31]).pvalue)
+    full = stats.compare_paired({0: 0.3, 1: 0.4}, {1: 0.35, 0: 0.2})
+    assert full.same_seeds is True and full.seeds == (0, 1)
+    d = c.to_dict()
+    assert d["seeds"] == [0, 1] and isinstance(d["diff_ci95"], list)
+
+
+def test_holm_hand_example():
+    # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> max(0.06, 0.04) = 0.06
+    out = stats.holm([0.01, 0.04, 0.03, 0.005])
+    assert [p for p, _ in out] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [r for _, r in out] == [True, False, False, True]
+
+
+def test_holm_none_cap_and_step_down_stop():
+    out = stats.holm([None, 0.6, 0.7])
+    assert out[0] == (None, None)
+    assert [p for p, _ in out[1:]] == [1.0, 1.0]  # 0.6 * 2 capped at 1; monotone
+    # 0.02 * 2 = 0.04 rejected; 0.049 * 1 = 0.049 but stays >= previous -> rejected too
+    assert [r for _, r in stats.holm([0.02, 0.049])] == [True, True]
+    # first hypothesis fails (0.03 * 2 = 0.06) -> nothing after it is rejected even though 0.04 <= 0.05
+    assert [r for _, r in stats.holm([0.03, 0.04])] == [False, False]
+    assert stats.holm([]) == []
