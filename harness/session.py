@@ -56,13 +56,14 @@ def max_concurrent(args) -> int:
     return max(1, (os.cpu_count() or 2) // max(1, args.workers))
 
 
-def open_tracking(args, experiment: str, parent_name: str, params: dict) -> tracking.MlflowTarget | None:
+def open_tracking(args, experiment: str, parent_name: str, params: dict,
+                  reuse_parent: bool = False) -> tracking.MlflowTarget | None:
     if args.no_mlflow:
         return None
     Path(args.out).mkdir(parents=True, exist_ok=True)
     uri = args.mlflow_uri or tracking.default_uri(args.out)
     exp = tracking.open_experiment(uri, experiment)
-    parent = tracking.start_parent(uri, exp, parent_name, params)
+    parent = tracking.start_parent(uri, exp, parent_name, params, reuse=reuse_parent)
     return tracking.MlflowTarget(tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
 
 

@@ -66,7 +66,6 @@ def trial_spec(cfg: SweepConfig, sampled: dict):
 def run_trial(config: dict, cfg: SweepConfig, launch_dict: dict, experiment: str) -> None:
     """One Tune trial = one Ray Train run of the sampled configuration."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from . import tracking
 
@@ -98,12 +97,37 @@ def run_trial(config: dict, cfg: SweepConfig, launch_dict: dict, experiment: str
             mlf = None
     else:
         mlf = None
-    fit_run(spec, trial_launch, callbacks=[TuneReportCallback()])
+    result = fit_run(spec, trial_launch, callbacks=[_ReportAllButLast(spec.hparams["epochs"])])
+    # The last epoch is reported only now, after the run has finished its TTA sweeps, tracking and done
+    # marker: reported from inside Train, ASHA's max_t would stop (kill) the trial before that cleanup.
+    tune.report({**result.get("final_metrics", {}), "epoch": spec.hparams["epochs"]})
     if mlf is not None:
         try:
             mlf.end_run()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _report_all_but_last_class():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportAllButLast(TuneReportCallback):
+        """Forward per-epoch reports to Tune (for ASHA), except the last epoch's (see run_trial)."""
+
+        def __init__(self, last_epoch: int):
+            super().__init__()
+            self.last_epoch = last_epoch
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("epoch", 0) >= self.last_epoch:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ReportAllButLast
+
+
+def _ReportAllButLast(last_epoch: int):  # noqa: N802 - builds the callback lazily (Ray import)
+    return _report_all_but_last_class()(last_epoch)
 
 
 def _launch_from_dict(d: dict) -> Launch:

@@ -64,10 +64,19 @@ def open_experiment(tracking_uri: str, name: str, artifact_root: str | None = No
         raise HarnessError(f"MLflow tracking server {tracking_uri} is unreachable or refused ({first[:200]})") from None
 
 
-def start_parent(tracking_uri: str, experiment_id: str, name: str, params: dict, tags: dict | None = None) -> str:
+def start_parent(tracking_uri: str, experiment_id: str, name: str, params: dict, tags: dict | None = None,
+                 reuse: bool = False) -> str:
+    """Create the parent run; with `reuse`, continue the latest parent of the same name (a resumed sweep)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
+    if reuse:
+        found = client.search_runs([experiment_id], filter_string=f"tags.`platebench.kind` = 'parent' and "
+                                                                  f"attributes.run_name = '{name}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=name, tags={"platebench.kind": "parent", **(tags or {})})
     for key, value in flat_params(params).items():
         client.log_param(run.info.run_id, key, value)

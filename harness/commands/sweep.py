@@ -59,7 +59,8 @@ def run(args) -> int:
     mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}", parent_name=experiment,
                                    params={"method": args.method, "search": args.search, "scheduler": args.scheduler,
                                            "trials": args.trials, "space": space.source, "seed": args.seed,
-                                           "split_scheme": args.split_scheme, **fixed})
+                                           "split_scheme": args.split_scheme, **fixed},
+                                   reuse_parent=args.resume)
     launch = session.launch_from_args(args, mlflow)
     session.start_ray(args)
     print(f"sweep {experiment}: {args.trials} trials of {args.method}, {args.search} search, "
