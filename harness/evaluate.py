@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from platebench.datasets.manifest import DOMAIN_KINDS
 from platebench.datasets.shards import ShardDataset
 from platebench.methods import Method
+from platebench.methods.distributed import all_gather_objects
 
 from .records import FULL_PLATE
 from .runspec import RunSpec
@@ -28,16 +29,6 @@ class PlateCounts:
     correct: int
     n: int
     loss_sum: float
-
-
-def _gather(local: list[PlateCounts]) -> list[PlateCounts]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    return [c for part in parts for c in part]
 
 
 class Evaluator:
@@ -74,7 +65,7 @@ class Evaluator:
             c.correct += int((logits.argmax(1) == labels).sum())
             c.n += int(labels.numel())
             c.loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        return _gather(list(per_plate.values()))
+        return all_gather_objects(list(per_plate.values()))
 
     def rows(self, counts: list[PlateCounts], epoch: int, split: str, batch_size: int, n_controls: int,
              protocol: str) -> list[dict]:

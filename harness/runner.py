@@ -35,6 +35,7 @@ class Launch:
     read_cpus: float = 0.25
     mlflow: MlflowTarget | None = None
     fault: str | None = None  # fault injection for resilience tests (harness/faults.py)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
 
 
 def done_path(storage: str, run_id: str) -> str:
@@ -80,7 +81,8 @@ def make_trainer(spec: RunSpec, launch: Launch, callbacks: list | None = None):
         # Per-rank BatchNorm (no SyncBatchNorm): each rank's statistics stay plate-pure.
         torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=launch.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=launch.placement_strategy),
         run_config=ray.train.RunConfig(
             name=spec.run_id, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
@@ -97,10 +99,16 @@ def fit_run(spec: RunSpec, launch: Launch, callbacks: list | None = None) -> dic
     t0 = time.time()
     result = make_trainer(spec, launch, callbacks).fit()
     metrics = dict(result.metrics or {})
-    summary = {"run_id": spec.run_id, "method": spec.method, "seed": spec.seed, "spec": spec.to_dict(),
-               "seconds": time.time() - t0, "final_metrics": metrics, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     fs, _ = filesystem(launch.storage, launch.options)
     _, path = filesystem(done_path(launch.storage, spec.run_id), launch.options)
+    side = {}
+    for name in ("placement", "mlflow_gaps"):  # written by rank 0 beside done.json
+        side_path = path.replace("done.json", f"{name}.json")
+        if fs.exists(side_path):
+            side[name] = json.loads(fs.cat_file(side_path))
+    summary = {"run_id": spec.run_id, "method": spec.method, "seed": spec.seed, "spec": spec.to_dict(),
+               "seconds": time.time() - t0, "final_metrics": metrics, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               **side}
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, json.dumps(summary, indent=1, default=list).encode())
     fs.pipe_file(path.replace("done.json", "spec.json"), json.dumps(spec.to_dict(), indent=1, default=list).encode())

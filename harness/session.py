@@ -20,6 +20,8 @@ def add_launch_flags(p) -> None:
     g.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (DDP)")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL backend")
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
+                   help="how a run's workers are placed on nodes (STRICT_SPREAD: one per node)")
     g.add_argument("--max-failures", type=int, default=2, help="worker failures a run survives (FailureConfig)")
     g.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local loopback Ray")
     g.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: cores + 1)")
@@ -42,7 +44,7 @@ def launch_from_args(args, mlflow: tracking.MlflowTarget | None) -> Launch:
     storage = args.storage or str(Path(args.out).resolve())
     launch = Launch(storage=storage, options=StorageOptions.from_env(), workers=args.workers, use_gpu=args.gpu,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, mlflow=mlflow,
-                    fault=args.inject_fault)
+                    fault=args.inject_fault, placement_strategy=args.placement_strategy)
     faults.parse(args.inject_fault)
     check_storage_writable(launch)
     return launch

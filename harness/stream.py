@@ -29,8 +29,8 @@ from .rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
 
 @dataclass(frozen=True)
 class StreamConfig:
-    scheme: str
-    split: str
+    scheme: str | None  # None (with split None): every labelled image of the dataset
+    split: str | None
     batch_size: int  # 0 = whole plate (evaluation only)
     train: bool
     plate_pure: bool = True
@@ -41,6 +41,8 @@ class StreamConfig:
     read_cpus: float = 0.25  # per read task: leaves room beside Train workers (ray-research §7.3)
     prefetch_blocks: int = 2
     read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
+    read_concurrency: int | None = None  # cap on concurrent read tasks (None: Ray Data decides)
+    plates: tuple[str, ...] | None = None  # restrict to these plates (benchmarks, debugging)
     keep_ids: bool = False
 
     def rebatch_spec(self, epoch: int) -> RebatchSpec:
@@ -75,10 +77,17 @@ class PlateStream:
         self.ds, self.config, self.rank, self.world = dataset, config, rank, world
         self.manifest = dataset.manifest
         self.domains = DomainIndex.from_manifest(self.manifest)
-        self.query_expr = dataset.split_expression(config.scheme, config.split) & (pc.field("label") >= 0)
+        labelled = pc.field("label") >= 0
+        if config.split is None:
+            self.query_expr = labelled
+            meta = dataset.metadata(list(config.plates) if config.plates else None)
+        else:
+            self.query_expr = dataset.split_expression(config.scheme, config.split) & labelled
+            meta = dataset.split_metadata(config.scheme, config.split)
         self._pred_columns = sorted(set(self._expr_columns()) | {"label"})
-        meta = dataset.split_metadata(config.scheme, config.split)
-        meta = meta.filter(pc.field("label") >= 0)
+        meta = meta.filter(labelled)
+        if config.plates:
+            meta = meta.filter(pc.field("plate").isin(list(config.plates)))
         counts = meta.group_by("plate").aggregate([("plate", "count")]).to_pylist()
         self.plate_rows = {r["plate"]: r["plate_count"] for r in counts}
         self.n_rows = sum(self.plate_rows.values())
@@ -88,6 +97,8 @@ class PlateStream:
     def _expr_columns(self) -> list[str]:
         from platebench.datasets import predicates
 
+        if self.config.split is None:
+            return []
         pred = self.manifest.scheme(self.config.scheme).splits[self.config.split]
         return sorted(predicates.columns_of(pred))
 
@@ -134,7 +145,8 @@ class PlateStream:
         ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
         ctx.enable_progress_bars = False
         source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
-        data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus)
+        data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
+                                        concurrency=self.config.read_concurrency)
         yield from data.iter_batches(batch_size=None, batch_format="pyarrow",
                                      prefetch_batches=self.config.prefetch_blocks)
 

@@ -206,8 +206,18 @@ def run_sweep(cfg: SweepConfig, launch: Launch, resume: bool = False) -> dict:
         spec = trial_spec(cfg, sampled)
         trials.append({"trial_id": getattr(res, "path", None) and res.path.rsplit("/", 1)[-1],
                        "sampled": sampled, "run_id": spec.run_id, "hparams": spec.hparams,
-                       "error": str(res.error).splitlines()[0][:300] if res.error else None})
+                       "error": str(res.error).splitlines()[0][:300] if res.error else None, **_timing(res)})
     return {"experiment": experiment, "trials": trials, "path": f"{launch.storage}/tune/{experiment}"}
+
+
+def _timing(res) -> dict:
+    """Wall time of a trial (Tune's time_total_s) and the part spent training and evaluating."""
+    df = res.metrics_dataframe
+    if df is None or df.empty or "time_total_s" not in df:
+        return {}
+    work = sum(float(df[c].fillna(0).sum()) for c in ("train_seconds", "eval_seconds") if c in df)
+    return {"trial_seconds": float(df["time_total_s"].max()), "work_seconds": work,
+            "epochs_reported": int(len(df))}
 
 
 def select_best(cfg: SweepConfig, launch: Launch, experiment: str, trials: list[dict]) -> dict:

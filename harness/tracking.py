@@ -84,12 +84,20 @@ def start_parent(tracking_uri: str, experiment_id: str, name: str, params: dict,
 
 
 def end_parent(tracking_uri: str, run_id: str, status: str = "FINISHED", artifacts: list[str] | None = None) -> None:
+    """Attach artifacts and close the parent run; if MLflow is down by now, warn (records are complete)."""
+    import sys
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    for path in artifacts or []:
-        client.log_artifact(run_id, path)
-    client.set_terminated(run_id, status=status)
+    try:
+        for path in artifacts or []:
+            client.log_artifact(run_id, path)
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001 - the results are safe in storage; the MLflow view is incomplete
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        print(f"warning: could not finish MLflow run {run_id} at {tracking_uri} ({first[:160]}); "
+              f"the records in storage are complete", file=sys.stderr)
 
 
 def flat_params(params: dict, prefix: str = "") -> dict[str, str]:

@@ -36,16 +36,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _broadcast(value, src: int = 0):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -78,6 +68,7 @@ def train_worker(config: dict) -> None:
         tracker.start(name=f"{spec.method} seed {spec.seed}", params=_params(spec, config),
                       tags={"platebench.run_id": spec.run_id, "platebench.kind": "seed"})
 
+    _record_placement(spec, storage, options, rank)
     epochs = hp["epochs"]
     fault = faults.parse(config.get("fault"))
     for epoch in range(state.epoch, epochs):
@@ -123,6 +114,29 @@ def train_worker(config: dict) -> None:
             write_epoch_records(storage, spec.run_id, state.best_epoch, sweep_rows, options, kind="sweeps")
     if rank == 0:
         _finish_tracking(tracker, spec, state)
+        if tracker.gaps:  # MLflow was unreachable at times: say so where the run's facts live
+            _write_run_file(storage, options, spec.run_id, "mlflow_gaps.json", tracker.gaps)
+
+
+def _write_run_file(storage: str, options: StorageOptions, run_id: str, name: str, payload) -> None:
+    import json
+
+    from platebench.datasets.storage import filesystem, join
+
+    fs, root = filesystem(storage, options)
+    fs.makedirs(join(root, "runs", run_id), exist_ok=True)
+    fs.pipe_file(join(root, "runs", run_id, name), json.dumps(payload, indent=1).encode())
+
+
+def _record_placement(spec: RunSpec, storage: str, options: StorageOptions, rank: int) -> None:
+    """Which node each rank runs on (runs/<run_id>/placement.json), for multi-node checks and debugging."""
+    import ray
+    from platebench.methods.distributed import all_gather_objects
+
+    mine = [{"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}]
+    everyone = all_gather_objects(mine)
+    if rank == 0:
+        _write_run_file(storage, options, spec.run_id, "placement.json", sorted(everyone, key=lambda r: r["rank"]))
 
 
 def _params(spec: RunSpec, config: dict) -> dict:

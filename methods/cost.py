@@ -98,6 +98,7 @@ def measure_step_cost(method_name: str, backbone: str = "resnet-tiny", batch_siz
         g = torch.Generator().manual_seed(seed)
         batches = training_batches(method, g)
         batches = [b.to(device) for b in batches] if isinstance(batches, list) else batches.to(device)
+        images = sum(len(b) for b in batches) if isinstance(batches, list) else len(batches)
         method.train()
         method.on_epoch_start(0, 1)
         for _ in range(warmup):
@@ -121,7 +122,8 @@ def measure_step_cost(method_name: str, backbone: str = "resnet-tiny", batch_siz
     else:
         peak, measure = _max_rss_bytes() - before_rss, "ru_maxrss_delta"
     return {"method": method_name, "backbone": backbone, "batch_size": batch_size, "image_size": list(size),
-            "device": str(device), "steps": steps, "step_seconds": seconds, "peak_mem_bytes": int(peak),
+            "device": str(device), "steps": steps, "step_seconds": seconds, "images_per_step": images,
+            "seconds_per_image": seconds / max(1, images), "peak_mem_bytes": int(peak),
             "memory_measure": measure}
 
 
@@ -134,5 +136,6 @@ def compare_to_erm(method_names: Iterable[str], **kwargs: Any) -> dict[str, dict
     base = results["erm"]
     for res in results.values():
         res["time_vs_erm"] = res["step_seconds"] / base["step_seconds"]
+        res["per_image_vs_erm"] = res["seconds_per_image"] / base["seconds_per_image"]
         res["mem_vs_erm"] = res["peak_mem_bytes"] / base["peak_mem_bytes"] if base["peak_mem_bytes"] > 0 else None
     return results

@@ -56,3 +56,12 @@ def allreduce_mean(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value)
     return value / world_size()
+
+
+def all_gather_objects(local: list) -> list:
+    """Concatenate every rank's list (pickled objects; gloo or NCCL). Identical result on every rank."""
+    if world_size() == 1:
+        return list(local)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, local)
+    return [item for part in parts for item in part]

@@ -51,7 +51,8 @@ def irm_objective(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
 class IRM(ERM):
     track = "standard"
     needs = Needs(plate_pure=True, multi_plate=True, domain_labels=True)
-    defaults = {"batch_size": 16, "domain_kind": "batch", "penalty_weight": 1.0, "anneal_steps": 500, "plates_per_step": 4}
+    defaults = {"batch_size": 16, "domain_kind": "batch", "penalty_weight": 1.0, "anneal_steps": 500,
+                "plates_per_step": 4}
     summary = "Invariant risk minimisation (IRMv1 penalty per group, annealed, optimiser reset at the switch)."
 
     def build(self) -> None:

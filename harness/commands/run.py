@@ -52,6 +52,9 @@ def run(args) -> int:
             val = r.get("final_metrics", {}).get("val_accuracy", float("nan"))
             note = " (already done)" if r.get("skipped") else ""
             print(f"{r['method']} seed {r['seed']}: run {r['run_id']} last val_accuracy {val:.4f}{note}")
+            if r.get("mlflow_gaps"):
+                print(f"  warning: MLflow logging failed {len(r['mlflow_gaps'])} time(s) (records in storage are "
+                      f"complete): {'; '.join(r['mlflow_gaps'][:3])}")
     print(f"records: {launch.storage}/records  (platebench leaderboard --records {launch.storage} ...)")
     require_runs_ok(results)
     return 0
