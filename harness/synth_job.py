@@ -19,7 +19,7 @@ from platebench.datasets.storage import StorageOptions, describe_error, filesyst
 from platebench.datasets.synth import Plan, Preset, get_preset, manifest_for, plan, write_one
 
 from . import ray_local
-from .errors import HarnessError
+from .errors import USER_ERRORS, HarnessError
 
 
 @dataclass
@@ -51,7 +51,7 @@ def prepare_target(out: str, options: StorageOptions | None, overwrite: bool) ->
             fs.rm(plates, recursive=True)
     except HarnessError:
         raise
-    except OSError as exc:
+    except Exception as exc:  # botocore's errors (no credentials, endpoint down) are not OSErrors
         raise describe_error(exc, f"preparing {out}") from exc
 
 
@@ -78,7 +78,7 @@ def run_synth(plan: Plan, out: str, options: StorageOptions | None = None, *, ov
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                parts_by_plate[pending.pop(ref)] = ray.get(ref)
+                parts_by_plate[pending.pop(ref)] = _get(ref)
             written = [p for ps in parts_by_plate.values() for p in ps]
             report(f"synth: {len(parts_by_plate)}/{len(plan.plates)} plates, {sum(p.rows for p in written)} images, "
                    f"{_mb(sum(p.bytes for p in written))}, {time.perf_counter() - start:.1f} s")
@@ -90,6 +90,19 @@ def run_synth(plan: Plan, out: str, options: StorageOptions | None = None, *, ov
     write_manifest(out, manifest, options)
     return SynthResult(url=out, manifest=manifest, plates=len(plan.plates), images=manifest.rows,
                        bytes=sum(p.bytes for p in parts), seconds=time.perf_counter() - start)
+
+
+def _get(ref):
+    """ray.get, re-raising a task's own error (e.g. StorageError: access denied) as itself, so the CLI
+    shows one clear line instead of a remote traceback."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, USER_ERRORS):
+            raise exc.cause from None
+        raise
 
 
 def generate(preset: str | Preset, out: str, seed: int = 0, overrides: dict | None = None,

@@ -31,6 +31,10 @@ IMAGE_LEVEL = np.array([n.startswith(("tex_", "density")) for n in FEATURES])
 # Cell types differ in shape and size, not in what the stains bind.
 _CELL_TYPE_FEATURES = [INDEX[n] for n in ("cell_size", "nucleus_ratio", "elongation", "irregularity", "density",
                                           "perinuclear", "membrane")]
+# Features a perturbation class may move: not the near-empty compartments (DNA dye in the cytoplasm,
+# AGP and Mito dyes in the nucleus), whose changes would be invisible and make a class unlearnable.
+_INVISIBLE = ("int_cyto_DNA", "int_nuc_AGP", "int_nuc_Mito")
+CLASS_FEATURES = np.array([i for i, n in enumerate(FEATURES) if n not in _INVISIBLE])
 CONTROL = "DMSO"
 
 
@@ -48,7 +52,7 @@ def perturbations(bio: Biology, rng: np.random.Generator) -> Perturbations:
     k, per = bio.num_classes, bio.perturbations_per_class
     effects = np.zeros((k, per, n_feat))
     for c in range(k):
-        chosen = rng.choice(n_feat, size=min(bio.features_per_class, n_feat), replace=False)
+        chosen = rng.choice(CLASS_FEATURES, size=min(bio.features_per_class, len(CLASS_FEATURES)), replace=False)
         direction = np.zeros(n_feat)
         direction[chosen] = rng.choice([-1.0, 1.0], size=len(chosen)) * rng.uniform(0.7, 1.3, size=len(chosen))
         for j in range(per):

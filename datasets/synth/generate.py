@@ -21,7 +21,9 @@ from . import biology, effects, render
 from .presets import CHANNELS, Preset, get_preset
 
 GENERATOR_VERSION = 1
-_PLAN, _BIOLOGY, _PLATE = 0, 1, 2  # independent random streams derived from the seed
+# Independent random streams derived from the seed: the label-shift proportions have their own, so
+# `label-shift` differs from `quickstart` (same seed) in its test plates' layouts and nothing else.
+_PLAN, _BIOLOGY, _PLATE, _LABELS = 0, 1, 2, 3
 WELL_SD = 0.25  # well-to-well variation (shared by a well's sites), in feature scales
 IMAGE_SD = 0.5  # site-to-site variation of the image-level features (textures, density)
 
@@ -48,6 +50,8 @@ class Plan:
     split_schemes: dict[str, SplitScheme]
     wells: list[str] = field(default_factory=list)
     control_wells: list[int] = field(default_factory=list)
+    # batch -> [num_classes, F]: how this lab and batch bend each class's response (feature offsets)
+    interactions: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def image_nbytes(self) -> int:
@@ -63,6 +67,7 @@ def plan(preset: Preset | str, seed: int) -> Plan:
     lay = preset.layout
     rng = np.random.default_rng(np.random.SeedSequence([seed, _PLAN]))
     bio_rng = np.random.default_rng(np.random.SeedSequence([seed, _BIOLOGY]))
+    label_rng = np.random.default_rng(np.random.SeedSequence([seed, _LABELS]))
     perts = biology.perturbations(preset.biology, bio_rng)
     cell_types = biology.cell_type_offsets(lay.cell_types, preset.biology, bio_rng)
     wells = [f"{string.ascii_uppercase[r]}{c + 1:02d}" for r in range(lay.rows) for c in range(lay.cols)]
@@ -70,20 +75,24 @@ def plan(preset: Preset | str, seed: int) -> Plan:
     controls = sorted({int(round(i)) for i in np.linspace(0, len(wells) - 1, lay.control_wells)})
     n_test_start = lay.batches_per_source - lay.test_batches
     n_val_start = n_test_start - lay.val_batches
-    plates, index = [], 0
+    plates, index, interactions = [], 0, {}
+    inter_shape = (preset.biology.num_classes, len(biology.FEATURES))
     for s in range(lay.sources):
         source = f"S{s + 1}"
         source_draws = effects.level_draws(rng)
+        source_inter = rng.standard_normal(inter_shape)
         for b in range(lay.batches_per_source):
             batch = f"{source}B{b + 1}"
             role = "test" if b >= n_test_start else "val" if b >= n_val_start else "train"
             batch_draws = effects.level_draws(rng)
+            interactions[batch] = effects.interaction(preset.effects, source_inter, rng.standard_normal(inter_shape)
+                                                      ) * biology.SCALES
             for p in range(lay.plates_per_batch):
                 plate_draws = effects.level_draws(rng)
                 weights = None
                 if role == "test" and preset.effects.label_shift_alpha > 0:
                     alpha = preset.effects.label_shift_alpha
-                    weights = tuple(float(w) for w in rng.dirichlet([alpha] * preset.biology.num_classes))
+                    weights = tuple(float(w) for w in label_rng.dirichlet([alpha] * preset.biology.num_classes))
                 params = effects.resolve(preset.effects, {"source": source_draws, "batch": batch_draws,
                                                           "plate": plate_draws})
                 plates.append(PlateSpec(
@@ -93,7 +102,7 @@ def plan(preset: Preset | str, seed: int) -> Plan:
                 index += 1
     return Plan(preset=preset, seed=seed, plates=plates, perturbations=perts, cell_types=cell_types,
                 split_schemes=_split_schemes(plates, lay.sources - lay.lab_holdout), wells=wells,
-                control_wells=controls)
+                control_wells=controls, interactions=interactions)
 
 
 def _split_schemes(plates: list[PlateSpec], n_train_sources: int) -> dict[str, SplitScheme]:
@@ -148,56 +157,62 @@ def _well_classes(plan: Plan, spec: PlateSpec, rng: np.random.Generator) -> np.n
 def generate_plate(plan: Plan, spec: PlateSpec) -> pa.Table:
     """All images of one plate (2 sites per well, well order) as a part table. Pure in (seed, spec.index)."""
     preset, bio = plan.preset, plan.preset.biology
-    lay = preset.layout
     rng = np.random.default_rng(np.random.SeedSequence([plan.seed, _PLATE, spec.index]))
-    fx = spec.effects
-    n_wells = len(plan.wells)
     labels = _well_classes(plan, spec, rng)
-    compound = np.zeros(n_wells, dtype=int)
+    compound = np.zeros(len(labels), dtype=int)
     for k in range(bio.num_classes):
         idx = np.flatnonzero(labels == k)
         compound[idx] = np.arange(len(idx)) % bio.perturbations_per_class
-    rows, cols = np.divmod(np.arange(n_wells), lay.cols)
-    edge = (rows == 0) | (rows == lay.rows - 1) | (cols == 0) | (cols == lay.cols - 1)
-    severity = np.exp(fx["edge"][0])
+    rows, cols = np.divmod(np.arange(len(labels)), preset.layout.cols)
+    edge = (rows == 0) | (rows == preset.layout.rows - 1) | (cols == 0) | (cols == preset.layout.cols - 1)
+    severity = np.exp(spec.effects["edge"][0])
 
-    # Morphology mean of every well: cell type + perturbation + biological batch effects + position.
-    plate_offset = plan.cell_types[spec.cell_type].copy()
-    plate_offset[biology.INDEX["density"]] += fx["density"][0] - 2 * fx["magnification"][0]
-    plate_offset[biology.INDEX["cell_size"]] += fx["cell_size"][0]
-    for ch in CHANNELS[1:]:  # the DNA dye reaches the nucleus whatever the permeabilisation
-        plate_offset[biology.INDEX[f"int_nuc_{ch}"]] += fx["permeabilisation"][0]
-    well_means = np.tile(plate_offset, (n_wells, 1))
-    treated = labels >= 0
-    well_means[treated] += plan.perturbations.effects[labels[treated], compound[treated]]
-    well_means[:, biology.INDEX["density"]] += effects.EDGE_DENSITY * severity * edge
-    well_means += rng.standard_normal(well_means.shape) * (WELL_SD * biology.SCALES)
-    image_means = np.repeat(well_means, 2, axis=0)
-    image_means[:, biology.IMAGE_LEVEL] += rng.standard_normal(
-        (len(image_means), int(biology.IMAGE_LEVEL.sum()))) * (IMAGE_SD * biology.SCALES[biology.IMAGE_LEVEL])
+    image_means = np.repeat(_well_means(plan, spec, labels, compound, severity * edge, rng), 2, axis=0)
+    level = biology.IMAGE_LEVEL  # textures and density also vary from site to site
+    image_means[:, level] += rng.standard_normal((len(image_means), int(level.sum()))) * (
+        IMAGE_SD * biology.SCALES[level])
     feats, active = biology.sample_cells(image_means, bio.max_cells, bio.cells_per_site, bio.cell_variation, rng)
-
-    n = len(image_means)
-    magnification = np.full(n, np.exp(fx["magnification"][0]))
+    magnification = np.full(len(image_means), np.exp(spec.effects["magnification"][0]))
     fluor = render.render(feats, active, preset.size, magnification, rng)
-    col_pos = cols / max(1, lay.cols - 1) - 0.5
-    well_gain = effects.EDGE_GAIN * severity * edge + fx["gradient"][0] * col_pos
-    images = effects.microscope(fluor, fx, np.repeat(well_gain, 2).astype(np.float32), rng)
+    # position effects on intensity: edge wells (evaporation) and a gradient across the columns
+    col_pos = cols / max(1, preset.layout.cols - 1) - 0.5
+    well_gain = effects.EDGE_GAIN * severity * edge + spec.effects["gradient"][0] * col_pos
+    images = effects.microscope(fluor, spec.effects, np.repeat(well_gain, 2).astype(np.float32), rng)
+    return make_table(_metadata(plan, spec, labels, compound), images)
 
+
+def _well_means(plan: Plan, spec: PlateSpec, labels: np.ndarray, compound: np.ndarray, edge: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """Mean morphology features of every well [wells, F]: cell type + biological batch effects +
+    perturbation (scaled by the plate's responsiveness, bent by the batch's interaction) + position."""
+    fx, idx = spec.effects, biology.INDEX
+    plate = plan.cell_types[spec.cell_type] + np.asarray(fx["morphology"]) * biology.SCALES
+    # a larger magnification shows fewer cells per field of view
+    plate[idx["density"]] += fx["density"][0] - 2 * fx["magnification"][0]
+    plate[idx["cell_size"]] += fx["cell_size"][0]
+    for ch in CHANNELS[1:]:  # the DNA dye reaches the nucleus whatever the permeabilisation
+        plate[idx[f"int_nuc_{ch}"]] += fx["permeabilisation"][0]
+    means = np.tile(plate, (len(labels), 1))
+    treated = labels >= 0
+    means[treated] += np.exp(fx["response"][0]) * plan.perturbations.effects[labels[treated], compound[treated]]
+    means[treated] += plan.interactions[spec.batch][labels[treated]]
+    means[:, idx["density"]] += effects.EDGE_DENSITY * edge
+    return means + rng.standard_normal(means.shape) * (WELL_SD * biology.SCALES)
+
+
+def _metadata(plan: Plan, spec: PlateSpec, labels: np.ndarray, compound: np.ndarray) -> dict:
+    n = 2 * len(labels)
     wells = np.repeat(plan.wells, 2)
-    sites = np.tile([1, 2], n_wells)
+    sites = np.tile([1, 2], len(labels))
+    names = [biology.CONTROL if lab < 0 else plan.perturbations.compounds[lab][c] for lab, c in zip(labels, compound)]
     image_labels = np.repeat(labels, 2)
-    comp_names = [biology.CONTROL if lab < 0 else plan.perturbations.compounds[lab][c]
-                  for lab, c in zip(labels, compound)]
-    meta = {
+    return {
         "image_id": [f"{spec.plate}-{w}-s{s}" for w, s in zip(wells, sites)],
         "source": [spec.source] * n, "batch": [spec.batch] * n, "plate": [spec.plate] * n,
         "well": wells.tolist(), "site": sites.astype(np.int32), "cell_type": [spec.cell_type] * n,
-        "perturbation": np.repeat(comp_names, 2).tolist(), "label": image_labels.astype(np.int64),
+        "perturbation": np.repeat(names, 2).tolist(), "label": image_labels.astype(np.int64),
         "is_control": image_labels < 0,
     }
-    return make_table(meta, images)
-
 
 
 def manifest_for(plan: Plan, parts: list[Part]) -> Manifest:

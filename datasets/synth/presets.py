@@ -24,7 +24,7 @@ class Layout:
     """The hierarchy source (lab) > batch > plate > well > site (2 sites per well, always)."""
 
     sources: int = 3
-    batches_per_source: int = 5
+    batches_per_source: int = 6
     plates_per_batch: int = 3
     rows: int = 8
     cols: int = 12
@@ -33,16 +33,16 @@ class Layout:
     # Batch roles per source, taken from its last batches: the last `test_batches` are held out for
     # `new_batches`' test split, the `val_batches` before them for its selection split.
     val_batches: int = 1
-    test_batches: int = 1
+    test_batches: int = 2
     lab_holdout: int = 1  # sources held out (the last ones) as `new_lab`'s test split
 
 
 @dataclass(frozen=True)
 class Biology:
-    num_classes: int = 8
+    num_classes: int = 6
     perturbations_per_class: int = 2  # compounds sharing a class (mechanism), each with its own twist
-    class_effect: float = 1.0  # size of a class's morphology change, in units of cell-to-cell variation
-    features_per_class: int = 4  # how many morphology features each class moves
+    class_effect: float = 2.5  # size of a class's morphology change, in units of cell-to-cell variation
+    features_per_class: int = 8  # how many morphology features each class moves
     compound_effect: float = 0.25  # compound-specific deviation from its class effect (same units)
     cells_per_site: float = 4.0
     max_cells: int = 8
@@ -54,14 +54,17 @@ class Biology:
 class Effects:
     """Batch-effect strengths. Every effect's spread at a level = strength x level x effect x base sd.
 
-    Base sds live in `effects.EFFECTS`; 1.0 everywhere is the calibrated default (quickstart).
+    Base sds live in `effects.PARAMS`; 1.0 everywhere is the calibrated default (quickstart).
     """
 
     strength: float = 1.0
     source: float = 1.0
     batch: float = 1.0
     plate: float = 1.0
-    # per-effect multipliers (names match effects.EFFECTS)
+    # per-effect multipliers (names match effects.PARAMS' controls)
+    morphology: float = 1.0
+    response: float = 1.0
+    interaction: float = 1.0
     gain: float = 1.0
     offset: float = 1.0
     gamma: float = 1.0
@@ -93,14 +96,14 @@ class Preset:
 
 _QUICK = Preset(
     name="quickstart",
-    description="the default benchmark workload: 45 plates of 96 wells, 32 px, 3 labs, sized for a CPU run",
+    description="the default benchmark workload: 54 plates of 96 wells, 32 px, 3 labs, sized for a CPU run",
 )
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny", description="unit tests: 6 plates of 24 wells, 16 px, 3 classes", size=16,
         layout=Layout(sources=2, batches_per_source=3, plates_per_batch=1, rows=4, cols=6, control_wells=4,
-                      cell_types=("U2OS", "HepG2")),
+                      cell_types=("U2OS", "HepG2"), test_batches=1),
         biology=Biology(num_classes=3, max_cells=5),
     ),
     "quickstart": _QUICK,
@@ -124,6 +127,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+_NOT_OVERRIDABLE = ("name", "description")
+
+
 def get_preset(name: str, overrides: Mapping[str, Any] | None = None) -> Preset:
     """The named preset with dotted-key overrides applied (e.g. {"layout.sources": 4, "size": 64})."""
     if name not in PRESETS:
@@ -145,7 +151,7 @@ def override_keys(obj: Any = None, prefix: str = "") -> list[str]:
         typ = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if is_dataclass(typ):
             keys += override_keys(type(typ), f"{prefix}{f.name}.")
-        elif f.name != "name":
+        elif f.name not in _NOT_OVERRIDABLE:
             keys.append(prefix + f.name)
     return keys
 
@@ -153,7 +159,7 @@ def override_keys(obj: Any = None, prefix: str = "") -> list[str]:
 def _override(obj: Any, path: list[str], value: Any, key: str) -> Any:
     names = {f.name: f for f in fields(obj)}
     head = path[0]
-    if head not in names or head == "name":
+    if head not in names or head in _NOT_OVERRIDABLE:
         close = difflib.get_close_matches(key, override_keys(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise DatasetError(f"unknown synth override key {key!r}{hint}")
@@ -210,6 +216,7 @@ def validate(p: Preset) -> None:
          lay.control_wells, "at least 1 and leaving a well per class"),
         (len(lay.cell_types) >= 1, "layout.cell_types", lay.cell_types, "at least one name"),
         (bio.num_classes >= 2, "biology.num_classes", bio.num_classes, "at least 2"),
+        (bio.features_per_class >= 1, "biology.features_per_class", bio.features_per_class, "at least 1"),
         (bio.perturbations_per_class >= 1, "biology.perturbations_per_class", bio.perturbations_per_class,
          "at least 1"),
         (bio.max_cells >= 1 and bio.cells_per_site > 0, "biology.max_cells/cells_per_site",
