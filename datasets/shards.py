@@ -195,10 +195,13 @@ class ShardDataset:
         self.manifest = manifest if manifest is not None else self._read_manifest()
 
     def __getstate__(self):
-        return {"url": self.url, "options": self.options, "manifest": self.manifest.to_dict()}
+        # Cached: every Ray Data read task pickles the handle, and to_dict walks every part.
+        if getattr(self, "_state", None) is None:
+            self._state = {"url": self.url, "options": self.options, "manifest": self.manifest.to_dict()}
+        return self._state
 
     def __setstate__(self, state):
-        self.url, self.options, self._fs = state["url"], state["options"], None
+        self.url, self.options, self._fs, self._state = state["url"], state["options"], None, state
         self.manifest = Manifest.from_dict(state["manifest"], f"{self.url}/{MANIFEST_NAME}")
 
     @property

@@ -20,7 +20,7 @@ from platebench.methods.distributed import all_gather_objects
 
 from .records import FULL_PLATE
 from .runspec import RunSpec
-from .stream import PlateStream, StreamConfig
+from .stream import PartCache, PlateStream, StreamConfig
 
 
 @dataclass
@@ -33,14 +33,16 @@ class PlateCounts:
 
 class Evaluator:
     def __init__(self, ds: ShardDataset, spec: RunSpec, method: Method, rank: int = 0, world: int = 1,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", cache: PartCache | None = None):
         self.ds, self.spec, self.rank, self.world, self.device = ds, spec, rank, world, device
+        self.cache = cache
         self.scheme = ds.manifest.scheme(spec.split_scheme)
         self.splits = [s for s in self.scheme.splits if s != "train"]
         self.track = type(method).track
         req = method.data_request()
         if self.track == "tta":
-            self.main_batch, self.main_controls = req.batch_size, req.eval_n_controls
+            main = req.batch_size if req.eval_batch_size is None else req.eval_batch_size
+            self.main_batch, self.main_controls = main, req.eval_n_controls
         else:
             self.main_batch, self.main_controls = spec.eval.standard_batch_size, 0
         self._streams: dict[tuple, PlateStream] = {}
@@ -50,7 +52,7 @@ class Evaluator:
         if key not in self._streams:
             cfg = StreamConfig(scheme=self.spec.split_scheme, split=split, batch_size=batch_size, train=False,
                                n_controls=n_controls, seed=self.spec.seed)
-            self._streams[key] = PlateStream(self.ds, cfg, self.rank, self.world)
+            self._streams[key] = PlateStream(self.ds, cfg, self.rank, self.world, self.cache)
         return self._streams[key]
 
     @torch.no_grad()
@@ -102,24 +104,37 @@ class Evaluator:
         return rows
 
     def sweeps(self, method: Method, epoch: int) -> list[dict]:
-        """TTA methods on the test splits across test batch sizes and numbers of controls."""
+        """TTA methods on the out-of-distribution test splits across test batch sizes and numbers of controls.
+
+        In-distribution test splits (`id_*`) are left out: the question is how adaptation behaves on new
+        batches. Batch sizes at or above the largest plate equal the whole-plate point (0) and are skipped;
+        control counts above what every test plate has would only re-sample the same controls, so the
+        controls sweep stops at the smallest plate's control count.
+        """
         if self.track != "tta":
             return []
         rows = []
         tests = [s for s in self.splits if self.scheme.role(s) == "test"]
+        tests = [s for s in tests if not s.startswith("id_")] or tests
         for split in tests:
+            stream = self._stream(split, self.main_batch, self.main_controls)
+            largest = max(stream.plate_rows.values())
             for bs in self.spec.eval.tta_batch_sizes:
-                if bs == self.main_batch:
+                if bs == self.main_batch or (bs and bs >= largest):
                     continue
                 rows += self.rows(self.counts(method, split, bs, self.main_controls), epoch, split, bs,
                                   self.main_controls, "batch-size-sweep")
             if self.main_controls:
+                available = min(self._controls_per_plate(p) for p in stream.plate_rows)
                 for m in self.spec.eval.control_counts:
-                    if m == self.main_controls:
+                    if m == self.main_controls or m > available:
                         continue
                     rows += self.rows(self.counts(method, split, self.main_batch, m), epoch, split,
                                       self.main_batch, m, "controls-sweep")
         return rows
+
+    def _controls_per_plate(self, plate: str) -> int:
+        return sum(p.controls for p in self.ds.manifest.parts_of(plate))
 
 
 def main_value(rows: list[dict], split: str, metric: str = "accuracy") -> float | None:

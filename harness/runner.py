@@ -36,6 +36,7 @@ class Launch:
     mlflow: MlflowTarget | None = None
     fault: str | None = None  # fault injection for resilience tests (harness/faults.py)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
+    cache_mb: int = 512  # per worker: parts kept in memory across epochs (harness/stream.py PartCache)
 
 
 def done_path(storage: str, run_id: str) -> str:
@@ -74,7 +75,8 @@ def make_trainer(spec: RunSpec, launch: Launch, callbacks: list | None = None):
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": 1} if launch.use_gpu else {})}
     config = {"spec": spec.to_dict(), "storage": launch.storage, "storage_options": asdict(launch.options),
               "mlflow": asdict(launch.mlflow) if launch.mlflow else None, "git_commit": git_commit(),
-              "workers": launch.workers, "read_cpus": launch.read_cpus, "fault": launch.fault}
+              "workers": launch.workers, "read_cpus": launch.read_cpus, "fault": launch.fault,
+              "cache_mb": launch.cache_mb}
     return TorchTrainer(
         train_worker,
         train_loop_config=config,
@@ -102,7 +104,7 @@ def fit_run(spec: RunSpec, launch: Launch, callbacks: list | None = None) -> dic
     fs, _ = filesystem(launch.storage, launch.options)
     _, path = filesystem(done_path(launch.storage, spec.run_id), launch.options)
     side = {}
-    for name in ("placement", "mlflow_gaps"):  # written by rank 0 beside done.json
+    for name in ("placement", "mlflow_gaps", "timings"):  # written by rank 0 beside done.json
         side_path = path.replace("done.json", f"{name}.json")
         if fs.exists(side_path):
             side[name] = json.loads(fs.cat_file(side_path))

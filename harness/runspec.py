@@ -22,7 +22,7 @@ from .errors import HarnessError
 
 # Test batch sizes of the TTA sweep (0 = the whole plate), as in ABRA/CS-ARM-BN's batch-size figures.
 DEFAULT_TTA_BATCH_SIZES = (8, 16, 32, 64, 128, 0)
-DEFAULT_CONTROL_COUNTS = (8, 32, 128)
+DEFAULT_CONTROL_COUNTS = (8, 16, 32, 64, 128)
 
 
 @dataclass(frozen=True)

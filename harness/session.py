@@ -20,6 +20,8 @@ def add_launch_flags(p) -> None:
     g.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (DDP)")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL backend")
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g.add_argument("--cache-mb", type=int, default=512,
+                   help="per worker: keep dataset parts in memory across epochs up to this size (0: off)")
     g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
                    help="how a run's workers are placed on nodes (STRICT_SPREAD: one per node)")
     g.add_argument("--max-failures", type=int, default=2, help="worker failures a run survives (FailureConfig)")
@@ -32,8 +34,13 @@ def add_launch_flags(p) -> None:
 
 
 def local_cpus(args) -> int:
-    # One spare logical CPU beside the Train workers: Ray Data read tasks need it (ray-research §7.3).
-    return args.num_cpus or (os.cpu_count() or 2) + 1
+    """Logical CPUs of a local Ray: every concurrent run's workers plus one spare, because Ray Data read
+    tasks need CPU beside the Train workers or the stream waits forever (ray-research §7.3)."""
+    if args.num_cpus:
+        return args.num_cpus
+    workers = max(1, getattr(args, "workers", None) or 1)
+    busy = max_concurrent(args) * workers * getattr(args, "cpus_per_worker", 1.0)
+    return int(max(os.cpu_count() or 2, -(-busy // 1))) + 1
 
 
 def start_ray(args) -> None:
@@ -44,7 +51,8 @@ def launch_from_args(args, mlflow: tracking.MlflowTarget | None) -> Launch:
     storage = args.storage or str(Path(args.out).resolve())
     launch = Launch(storage=storage, options=StorageOptions.from_env(), workers=args.workers, use_gpu=args.gpu,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, mlflow=mlflow,
-                    fault=args.inject_fault, placement_strategy=args.placement_strategy)
+                    fault=args.inject_fault, placement_strategy=args.placement_strategy,
+                    cache_mb=args.cache_mb)
     faults.parse(args.inject_fault)
     check_storage_writable(launch)
     return launch

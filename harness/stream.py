@@ -39,7 +39,7 @@ class StreamConfig:
     seed: int = 0
     augment: str | None = None  # policy name, training only
     read_cpus: float = 0.25  # per read task: leaves room beside Train workers (ray-research §7.3)
-    prefetch_blocks: int = 2
+    prefetch_blocks: int = 4
     read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
     read_concurrency: int | None = None  # cap on concurrent read tasks (None: Ray Data decides)
     plates: tuple[str, ...] | None = None  # restrict to these plates (benchmarks, debugging)
@@ -49,6 +49,29 @@ class StreamConfig:
         return RebatchSpec(batch_size=self.batch_size, train=self.train, plate_pure=self.plate_pure,
                            plates_per_step=self.plates_per_step, n_controls=self.n_controls, seed=self.seed,
                            epoch=epoch)
+
+
+class PartCache:
+    """Parts kept in a worker's memory across epochs and streams, up to `max_bytes` (0: off).
+
+    Each Ray Data execution costs ~1 s of task scheduling for small shards, and a run reads the same
+    parts every epoch (training, then every evaluation split; id_test shares the training plates), so
+    a worker keeps what fits. Larger datasets simply stream every epoch.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._parts: dict[str, pa.Table] = {}
+
+    def get(self, key: str) -> pa.Table | None:
+        return self._parts.get(key)
+
+    def put(self, key: str, table: pa.Table) -> None:
+        size = table.nbytes
+        if key in self._parts or self.bytes + size > self.max_bytes:
+            return
+        self._parts[key] = table
+        self.bytes += size
 
 
 def assign_plates(plate_rows: list[tuple[str, int]], world: int, spec: RebatchSpec) -> list[list[tuple[str, int]]]:
@@ -65,7 +88,8 @@ def assign_plates(plate_rows: list[tuple[str, int]], world: int, spec: RebatchSp
 class PlateStream:
     """Iterate one split of a dataset as batches for one rank of `world`."""
 
-    def __init__(self, dataset: ShardDataset, config: StreamConfig, rank: int = 0, world: int = 1):
+    def __init__(self, dataset: ShardDataset, config: StreamConfig, rank: int = 0, world: int = 1,
+                 cache: PartCache | None = None):
         if config.batch_size < 0 or (config.batch_size == 0 and config.train):
             mode = "training" if config.train else "evaluation"
             raise HarnessError(f"batch size {config.batch_size} is not valid for {mode}")
@@ -93,6 +117,7 @@ class PlateStream:
         self.n_rows = sum(self.plate_rows.values())
         if not self.plate_rows:
             raise HarnessError(f"split {config.split!r} of scheme {config.scheme!r} has no labelled images")
+        self.cache = cache if cache is not None else PartCache(0)
 
     def _expr_columns(self) -> list[str]:
         from platebench.datasets import predicates
@@ -134,13 +159,32 @@ class PlateStream:
         return parts
 
     def blocks(self, plates: list[str], epoch: int) -> Iterator[pa.Table]:
+        """This epoch's parts in plan order: from the part cache, else read with Ray Data."""
+        parts = self._parts(plates, epoch)
+        missing = [p for p in parts if self.cache.get(p.path) is None]
+        fetched = self._read(missing)
+        try:
+            for part in parts:
+                cached = self.cache.get(part.path)
+                if cached is not None:
+                    yield cached
+                    continue
+                block = next(fetched)  # one block per part, in order (preserve_order)
+                if block.num_rows != part.rows:
+                    raise HarnessError(f"{self.ds.part_url(part)}: stream delivered {block.num_rows} rows, "
+                                       f"manifest says {part.rows}")
+                self.cache.put(part.path, block)
+                yield block
+        finally:
+            fetched.close()
+
+    def _read(self, parts: list) -> Iterator[pa.Table]:
+        if not parts:
+            return
         import ray.data
 
         from .shard_source import PlateShardDatasource
 
-        parts = self._parts(plates, epoch)
-        if not parts:
-            return
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
         ctx.enable_progress_bars = False

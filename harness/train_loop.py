@@ -22,7 +22,7 @@ from .evaluate import Evaluator, main_value
 from .records import write_epoch_records
 from .runspec import RunSpec, task_spec
 from .schedule import lr_factor
-from .stream import PlateStream, StreamConfig
+from .stream import PartCache, PlateStream, StreamConfig
 from .tracking import MlflowTarget, RunTracker, epoch_metrics
 
 
@@ -40,6 +40,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    t_start = time.perf_counter()
     spec = RunSpec.from_dict(config["spec"])
     storage, options = config["storage"], StorageOptions(**config["storage_options"])
     ctx = ray.train.get_context()
@@ -57,11 +58,12 @@ def train_worker(config: dict) -> None:
 
     hp = spec.hparams
     req = method.data_request()
+    cache = PartCache(int(config.get("cache_mb", 512)) * 2**20)  # shared by the run's streams
     train = PlateStream(ds, StreamConfig(
         scheme=spec.split_scheme, split="train", batch_size=req.batch_size, train=True, plate_pure=req.plate_pure,
         plates_per_step=req.plates_per_step, n_controls=req.n_controls, seed=spec.seed, augment=hp["augment"],
-        read_cpus=config.get("read_cpus", 0.25)), rank, world)
-    evaluator = Evaluator(ds, spec, method, rank, world, device)
+        read_cpus=config.get("read_cpus", 0.25)), rank, world, cache)
+    evaluator = Evaluator(ds, spec, method, rank, world, device, cache)
     tracker = RunTracker(MlflowTarget(**config["mlflow"]) if config.get("mlflow") else None,
                          run_id=state.mlflow_run_id, gaps=list(state.mlflow_gaps))
     if rank == 0:
@@ -69,6 +71,7 @@ def train_worker(config: dict) -> None:
                       tags={"platebench.run_id": spec.run_id, "platebench.kind": "seed"})
 
     _record_placement(spec, storage, options, rank)
+    timings = {"setup_s": time.perf_counter() - t_start, "epochs_s": []}
     epochs = hp["epochs"]
     fault = faults.parse(config.get("fault"))
     for epoch in range(state.epoch, epochs):
@@ -95,6 +98,7 @@ def train_worker(config: dict) -> None:
                    **{f"train_{k}": v / max(1, steps) for k, v in sums.items()},
                    "val_accuracy": val if val is not None else float("nan"), "improved": improved}
         state.history.append(summary)
+        timings["epochs_s"].append(time.perf_counter() - t0)
         metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
         if rank == 0:
             write_epoch_records(storage, spec.run_id, epoch + 1, rows, options)
@@ -107,13 +111,18 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics)
 
     # The TTA sweeps run once, on the model of the best validation epoch.
+    t_sweeps = time.perf_counter()
     if evaluator.track == "tta" and state.best_model is not None:
         method.load_state_dict({k: v.to(device) for k, v in state.best_model.items()})
         sweep_rows = evaluator.sweeps(method, state.best_epoch)
         if rank == 0 and sweep_rows:
             write_epoch_records(storage, spec.run_id, state.best_epoch, sweep_rows, options, kind="sweeps")
+    timings["sweeps_s"] = time.perf_counter() - t_sweeps
     if rank == 0:
+        t_finish = time.perf_counter()
         _finish_tracking(tracker, spec, state)
+        timings["finish_s"] = time.perf_counter() - t_finish
+        _write_run_file(storage, options, spec.run_id, "timings.json", timings)
         if tracker.gaps:  # MLflow was unreachable at times: say so where the run's facts live
             _write_run_file(storage, options, spec.run_id, "mlflow_gaps.json", tracker.gaps)
 

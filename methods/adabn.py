@@ -7,9 +7,11 @@ never with the running buffers (so they are on the `tta` track).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .base import Batch, MethodError, Needs
+from .base import Batch, DataRequest, MethodError, Needs
 from .blocks.bn import batch_stats
 from .blocks.plate_steps import require_plate_pure
 from .erm import ERM
@@ -40,10 +42,10 @@ class BatchStatsMethod(ERM):
 class AdaBN(BatchStatsMethod):
     """Train like ERM on mixed-plate batches; at test every BN layer uses the plate-pure test batch's statistics.
 
-    `adapt`: "batch" (per-batch variant, methods-research §3.2 (a)) or "plate" (full-domain variant
-    (b)). Both compute the statistics of the batch the harness hands over, so "plate" is obtained by
-    evaluating with eval batch size = the whole plate (records' eval_batch_size 0); the
-    hyperparameter records which variant a run means. For plates too large for one forward,
+    `adapt`: "batch" (per-batch variant, methods-research §3.2 (a): the main evaluation uses test batches of
+    `batch_size`) or "plate" (full-domain variant (b): the main evaluation hands over each whole plate as
+    one batch, records' eval_batch_size 0). Both are also measured across the batch-size sweep. For
+    plates too large for one forward,
     `blocks.bn.adapt_to_domain` computes the exact full-plate statistics from chunks into the running
     buffers (then predict in eval mode with `self.network`).
     """
@@ -51,6 +53,10 @@ class AdaBN(BatchStatsMethod):
     needs = Needs(plate_pure=False)
     defaults = {"adapt": "batch"}
     summary = "ERM training; BN statistics of the (plate-pure) test batch at prediction time."
+
+    def data_request(self) -> DataRequest:
+        request = super().data_request()
+        return replace(request, eval_batch_size=0) if self.hparams["adapt"] == "plate" else request
 
     def build(self) -> None:
         if self.hparams["adapt"] not in ADAPT_MODES:

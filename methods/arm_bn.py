@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from .adabn import BatchStatsMethod
-from .base import Batch, DataRequest, MethodError, Needs, as_list, queries_with_labels
+from .base import Batch, DataRequest, Needs, as_list, queries_with_labels
 from .blocks.bn import forward_per_group, groups_from_sizes
 from .blocks.plate_steps import require_plate_pure
+from .grouping import check_plates_per_step, multi_plate_request
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
@@ -27,14 +28,11 @@ class ARMBN(BatchStatsMethod):
     summary = "Meta-learned BN adaptation: each plate chunk of a meta-batch normalised by its own statistics."
 
     def build(self) -> None:
-        if self.hparams["plates_per_step"] < 1:
-            raise MethodError(f"method {self.name!r}: plates_per_step must be >= 1, "
-                              f"got {self.hparams['plates_per_step']}")
+        check_plates_per_step(self)
         super().build()
 
     def data_request(self) -> DataRequest:
-        return DataRequest(batch_size=self.hparams["batch_size"], plate_pure=True,
-                           plates_per_step=self.hparams["plates_per_step"])
+        return multi_plate_request(self)
 
     def forward_meta_batch(self, batches: list[Batch]) -> tuple[torch.Tensor, Batch]:
         """Logits of the concatenated query rows, each plate chunk normalised with its own statistics."""

@@ -64,6 +64,7 @@ class DataRequest:
     plates_per_step: int = 1
     eval_n_controls: int = 0  # control rows appended to each evaluation batch
     domain_kind: str = "plate"  # which Batch.domains entry the method's domain losses use
+    eval_batch_size: int | None = None  # tta methods' main test batch size (None: batch_size; 0: whole plate)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from .adabn import BatchStatsMethod
-from .base import Batch, DataRequest, MethodError, Needs, as_list, queries_with_labels
+from .base import Batch, DataRequest, Needs, as_list, queries_with_labels
 from .blocks.plate_steps import accumulate_per_plate, require_plate_pure
+from .grouping import check_plates_per_step, multi_plate_request
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
@@ -24,14 +25,11 @@ class BEN(BatchStatsMethod):
     summary = "Plate-pure training batches (plates forwarded separately); BN statistics of the test plate batch."
 
     def build(self) -> None:
-        if self.hparams["plates_per_step"] < 1:
-            raise MethodError(f"method {self.name!r}: plates_per_step must be >= 1, "
-                              f"got {self.hparams['plates_per_step']}")
+        check_plates_per_step(self)
         super().build()
 
     def data_request(self) -> DataRequest:
-        return DataRequest(batch_size=self.hparams["batch_size"], plate_pure=True,
-                           plates_per_step=self.hparams["plates_per_step"])
+        return multi_plate_request(self)
 
     def plate_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """CE of one plate forwarded on its own (train mode: BN uses this plate's statistics)."""

@@ -14,12 +14,11 @@ from platebench.harness import ray_local
 
 ray_local.apply_env()
 
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from platebench.datasets.shards import open_dataset  # noqa: E402
 from platebench.harness.records import read_records  # noqa: E402
 from platebench.harness.runner import Launch, fit_run  # noqa: E402
 from platebench.harness.runspec import build_specs  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 
 def main(data: str, work: str) -> None:

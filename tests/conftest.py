@@ -109,3 +109,14 @@ def tiny_dataset(tmp_path_factory):
 def _no_proxy(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Pure-torch tests on one thread: on a loaded 2-core box more threads make them far slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from platebench.methods.backbones import INSERTION_POINTS, build_backbone, load_
 from platebench.methods.backbones.weights import adapt_first_conv
 from torch import nn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # torchvision state_dict entries (name -> shape) for a 3-channel model; heads excluded.

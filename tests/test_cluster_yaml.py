@@ -33,6 +33,7 @@ def test_cluster_has_cpu_head_gpu_and_cpu_workers_with_bounds():
 def test_nodes_install_platebench_from_its_wheel_and_the_head_serves_mlflow():
     cfg = _config()
     setup = " ".join(cfg["setup_commands"])
-    assert "platebench-dist/platebench-*.whl" in setup and cfg["file_mounts"]["/home/ubuntu/platebench-dist"] == "./dist"
+    assert "platebench-dist/platebench-*.whl" in setup
+    assert cfg["file_mounts"]["/home/ubuntu/platebench-dist"] == "./dist"
     head = " ".join(cfg["head_start_ray_commands"])
     assert "mlflow server" in head and "--backend-store-uri sqlite:" in head and "--artifacts-destination s3://" in head

@@ -10,15 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from shard_fixtures import build_tiny_dataset
-from tcp_proxy import TcpProxy
-
 from platebench.datasets.errors import StorageError
 from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import StorageOptions
 from platebench.harness.cli import main
 from platebench.harness.records import read_records
 from platebench.harness.stream import PlateStream, StreamConfig
+from shard_fixtures import build_tiny_dataset
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

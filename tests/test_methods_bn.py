@@ -27,13 +27,7 @@ from platebench.methods.network import Network
 from platebench.methods.testing import TASK, build, eval_batch, synthetic_batch
 from torch import nn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(seed: int = 0) -> Network:

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from platebench.harness.cli import main
 from platebench.harness.records import read_records
 

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_procs import kill_ray_under
-from shard_fixtures import build_tiny_dataset
-
 from platebench.harness import sweep, tune_space
 from platebench.harness.cli import main
 from platebench.harness.records import write_epoch_records
 from platebench.harness.runner import Launch
+from ray_procs import kill_ray_under
+from shard_fixtures import build_tiny_dataset
 
 
 def _sweep_args(ds, out, *extra):

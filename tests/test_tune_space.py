@@ -2,7 +2,6 @@
 
 import pytest
 import yaml
-
 from platebench.harness import tune_space
 from platebench.harness.errors import HarnessError
 from platebench.methods.registry import names

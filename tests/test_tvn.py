@@ -12,12 +12,7 @@ from platebench.methods.tvn import TVN
 RIDGE = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plate(seed: int, n_queries: int = 20, n_controls: int = 30, d: int = 8):

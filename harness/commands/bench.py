@@ -20,7 +20,11 @@ def add_parser(sub):
     p.add_argument("--epochs", type=int, help="epochs for every method")
     p.add_argument("--backbone")
     p.add_argument("--baseline")
+    p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="hyperparameter overrides for every method of the suite")
     p.add_argument("--max-concurrent", type=int, help="runs trained at once (default: cores / workers)")
+    p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's quickstart-leaderboard block with the "
+                                                   "test-split tables (how README.md's figures are produced)")
     add_launch_flags(p)
     p.set_defaults(workers=None)
     return p
@@ -35,6 +39,11 @@ def _apply_flags(suite, args) -> None:
         suite.methods = {m: suite.methods.get(m, {}) for m in args.methods}
         if suite.baseline not in suite.methods:
             suite.baseline = args.methods[0]
+    if args.hparams:
+        from platebench.harness.runspec import parse_hparams
+
+        common = parse_hparams(args.hparams)
+        suite.methods = {m: {**hp, **common} for m, hp in suite.methods.items()}
     for key in ("split_scheme", "seeds", "epochs", "backbone", "baseline", "workers"):
         value = getattr(args, key)
         if value is not None:
@@ -79,6 +88,13 @@ def run(args) -> int:
         board = build_leaderboard(records, baseline=suite.baseline)
         files = write_report(board, str(out))
         print(to_markdown(board))
+        if args.readme:
+            import shlex
+            import sys
+
+            command = "platebench " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--readme"
+                                               and a != args.readme)
+            bench.update_readme(args.readme, bench.readme_block(board, time.time() - t0, command))
     if mlflow:
         end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
                    status="FAILED" if any("error" in r for r in results) else "FINISHED",
