@@ -45,7 +45,9 @@ def _export_storage_flags(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .errors import USER_ERRORS
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what was asked, for commands that record their own command line
     _export_storage_flags(args)
     try:
         return int(args._run(args) or 0)

@@ -90,10 +90,10 @@ def run(args) -> int:
         print(to_markdown(board))
         if args.readme:
             import shlex
-            import sys
 
-            command = "platebench " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--readme"
-                                               and a != args.readme)
+            argv = args.argv
+            kept = [a for i, a in enumerate(argv) if a != "--readme" and not (i and argv[i - 1] == "--readme")]
+            command = "platebench " + " ".join(shlex.quote(a) for a in kept)
             bench.update_readme(args.readme, bench.readme_block(board, time.time() - t0, command))
     if mlflow:
         end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
