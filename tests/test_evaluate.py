@@ -1,11 +1,10 @@
 """Evaluation protocol choices that records depend on (no training needed)."""
 
-from shard_fixtures import build_tiny_dataset
-
 from platebench.datasets.shards import open_dataset
 from platebench.harness.evaluate import Evaluator
 from platebench.harness.runspec import build_specs, task_spec
 from platebench.methods import get_method
+from shard_fixtures import build_tiny_dataset
 
 
 def _evaluator(tmp_path, method, hparams):

@@ -42,7 +42,7 @@ def add_parser(sub):
     i = perf.add_parser("ingest", help="ingestion images/s: Ray Data job vs one local process")
     i.add_argument("--src", help="raw dataset (default: generate an RxRx1-layout tree)")
     i.add_argument("--layout", default="rxrx1", choices=["rxrx1", "rxrx1-wilds", "jump-cp"])
-    i.add_argument("--plates", type=int, default=8)
+    i.add_argument("--experiments", type=int, default=3, help="generated experiments (4 plates of 616 sites each)")
     i.add_argument("--size", type=int, default=128)
     for q in (d, t, u, m, i):
         _common(q)
@@ -100,4 +100,4 @@ def _tune(args) -> dict:
 def _ingest(args) -> dict:
     from platebench.harness.perf import ingest
 
-    return ingest.run(args.src, args.layout, args.plates, args.size)
+    return ingest.run(args.src, args.layout, args.experiments, args.size)

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from platebench.datasets.shards import ShardDataset
 
@@ -27,9 +28,10 @@ def pyarrow_rate(ds: ShardDataset, batch_size: int, parallelism: int, limit_part
     parts = ds.manifest.parts[:limit_parts] if limit_parts else ds.manifest.parts
     t0 = time.perf_counter()
     n = 0
+    labelled = pc.field("label") >= 0  # the stream delivers labelled rows (controls are context only)
     with ThreadPoolExecutor(max_workers=parallelism) as pool:
         for table in pool.map(lambda p: ds.read_part(p), parts):
-            images = ds.images(table)
+            images = ds.images(table.filter(labelled))
             for start in range(0, len(images), batch_size):
                 x = _convert(images[start:start + batch_size])
                 n += x.shape[0]
