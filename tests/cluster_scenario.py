@@ -22,8 +22,14 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 
 def main(data: str, work: str) -> None:
+    import socket
+
+    with socket.socket() as sock:  # the test session's own Ray may hold the default dashboard port
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True,
-                                                            "dashboard_host": "127.0.0.1"})
+                                                            "dashboard_host": "127.0.0.1",
+                                                            "dashboard_port": dashboard_port})
     cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
     ray_local.init(address=cluster.address)
