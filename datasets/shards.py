@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from . import predicates
 from .errors import DatasetError, StorageError
 from .manifest import BASE_SCHEMA, MANIFEST_NAME, METADATA_COLUMNS, Manifest, Part
-from .storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
+from .storage import STORAGE_ERRORS, StorageOptions, absolute, describe_error, filesystem, join
 
 PLATE_MARKER = "_plate.json"
 DEFAULT_PART_BYTES = 64 * 2**20
@@ -189,7 +189,7 @@ class ShardDataset:
     """A validated handle on a plate-shard dataset. Cheap to pickle (re-opens its filesystem lazily)."""
 
     def __init__(self, url: str, options: StorageOptions | None = None, manifest: Manifest | None = None):
-        self.url = str(url).rstrip("/")
+        self.url = absolute(url).rstrip("/")
         self.options = options
         self._fs = None
         self.manifest = manifest if manifest is not None else self._read_manifest()

@@ -80,6 +80,15 @@ def _storage_exceptions() -> tuple[type[BaseException], ...]:
 STORAGE_ERRORS = _storage_exceptions()
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers and Tune trials run in other working directories); URLs as given."""
+    url = str(url)
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        return "file://" + os.path.abspath(url[len("file://"):])
+    return url if scheme else os.path.abspath(url)
+
+
 def is_remote(url: str) -> bool:
     return urlparse(str(url)).scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https")
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from platebench.datasets.storage import StorageOptions
+from platebench.datasets.storage import StorageOptions, absolute
 
 from . import faults, ray_local, tracking
 from .runner import Launch, check_storage_writable
@@ -48,7 +48,7 @@ def start_ray(args) -> None:
 
 
 def launch_from_args(args, mlflow: tracking.MlflowTarget | None) -> Launch:
-    storage = args.storage or str(Path(args.out).resolve())
+    storage = absolute(args.storage) if args.storage else str(Path(args.out).resolve())
     launch = Launch(storage=storage, options=StorageOptions.from_env(), workers=args.workers, use_gpu=args.gpu,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, mlflow=mlflow,
                     fault=args.inject_fault, placement_strategy=args.placement_strategy,

@@ -147,3 +147,14 @@ def test_a_part_holds_one_plate(tmp_path):
     t = pa.concat_tables([_one_plate("P1"), _one_plate("P2")])
     with pytest.raises(DatasetError, match="a part holds one plate only"):
         write_plate(str(tmp_path), "P1", t, image_nbytes=320)
+
+
+def test_relative_dataset_paths_become_absolute(tmp_path, monkeypatch):
+    # Ray workers and Tune trials run in other working directories: a relative path must not reach them.
+    build_tiny_dataset(tmp_path / "ds")
+    monkeypatch.chdir(tmp_path)
+    ds = open_dataset("ds")
+    assert ds.url == str(tmp_path / "ds")
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ds)).url == str(tmp_path / "ds")

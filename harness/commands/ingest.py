@@ -12,7 +12,7 @@ import json
 from dataclasses import replace
 
 from platebench.datasets import jump_meta
-from platebench.datasets.storage import StorageOptions
+from platebench.datasets.storage import StorageOptions, absolute
 
 
 def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: bool = True) -> None:
@@ -121,7 +121,7 @@ def run(args) -> int:
     from ..ingest_job import run_ingest
 
     _, _, to_config = LAYOUTS[args.layout]
-    result = run_ingest(args.layout, to_config(args), args.out, skip_bad=args.skip_bad,
+    result = run_ingest(args.layout, to_config(args), absolute(args.out), skip_bad=args.skip_bad,
                         src_options=_src_options(args.layout, args), out_options=StorageOptions.from_env(),
                         executor=args.executor, address=args.address, num_cpus=args.num_cpus,
                         parallelism=args.parallelism, progress=not args.no_progress)

@@ -49,7 +49,7 @@ def run(args) -> int:
         from platebench.harness.errors import HarnessError
 
         raise HarnessError(f"--hparams fixes {sorted(overlap)}, which the space searches; drop one of them")
-    cfg = sweep.SweepConfig(data=args.data, split_scheme=args.split_scheme, method=args.method, space=space,
+    cfg = sweep.SweepConfig(data=ds.url, split_scheme=args.split_scheme, method=args.method, space=space,
                             trials=args.trials, search=args.search, scheduler=args.scheduler,
                             max_concurrent=session.max_concurrent(args), seed=args.seed, backbone=args.backbone,
                             fixed_hparams=fixed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from platebench.datasets.storage import StorageOptions
+from platebench.datasets.storage import StorageOptions, absolute
 from platebench.datasets.synth import PRESETS, get_preset, override_keys, plan
 
 from ..errors import HarnessError
@@ -60,7 +60,7 @@ def run(args) -> int:
     preset = get_preset(args.preset, overrides)
     from ..synth_job import run_synth
 
-    result = run_synth(plan(preset, args.seed), args.out, StorageOptions.from_env(), overwrite=args.overwrite,
+    result = run_synth(plan(preset, args.seed), absolute(args.out), StorageOptions.from_env(), overwrite=args.overwrite,
                        num_cpus=args.num_cpus, address=args.address)
     m = result.manifest
     print(f"synth: {result.plates} plates, {result.images} images ({len(m.channels)}x{m.height}x"

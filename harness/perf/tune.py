@@ -24,7 +24,7 @@ def run(data: str, split_scheme: str = "new_batches", method: str = "erm", trial
     if epochs is not None:
         fixed["epochs"] = epochs
     space = for_method(method, ds.manifest.name)
-    cfg = SweepConfig(data=data, split_scheme=split_scheme, method=method, space=space, trials=trials,
+    cfg = SweepConfig(data=ds.url, split_scheme=split_scheme, method=method, space=space, trials=trials,
                       search="random", scheduler="none", max_concurrent=max_concurrent, seed=0, fixed_hparams=fixed)
     launch = Launch(storage=storage or tempfile.mkdtemp(prefix="pb-perf-tune-"))
     result = run_sweep(cfg, launch)
