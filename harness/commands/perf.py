@@ -27,11 +27,11 @@ def add_parser(sub):
     t.add_argument("--gpu", action="store_true")
     t.add_argument("--no-scaling", action="store_true", help="skip the 2-worker run")
     u = perf.add_parser("tune", help="per-trial Tune+Train overhead vs a trial's training time")
-    u.add_argument("--data", required=True)
+    u.add_argument("--data", help="dataset root (default: the `quickstart` preset, generated into a temporary folder)")
     u.add_argument("--split-scheme", default="new_batches")
     u.add_argument("--method", default="erm")
-    u.add_argument("--trials", type=int, default=4)
-    u.add_argument("--epochs", type=int)
+    u.add_argument("--trials", type=int, default=3)
+    u.add_argument("--epochs", type=int, help="epochs per trial (default: the method's, 10: a full quickstart trial)")
     u.add_argument("--max-concurrent", type=int, default=1)
     m = perf.add_parser("methods", help="training-step time and peak memory of each method relative to ERM")
     m.add_argument("--methods", nargs="+")
@@ -92,9 +92,22 @@ def _train(args) -> dict:
 
 
 def _tune(args) -> dict:
-    from platebench.harness.perf import tune
+    import shutil
+    import tempfile
 
-    return tune.run(args.data, args.split_scheme, args.method, args.trials, args.epochs, args.max_concurrent)
+    from platebench.harness.perf import tune
+    from platebench.harness.synth_job import generate
+
+    if args.data:
+        return tune.run(args.data, args.split_scheme, args.method, args.trials, args.epochs, args.max_concurrent)
+    work = tempfile.mkdtemp(prefix="pb-perf-tune-data-")
+    try:
+        data = f"{work}/quickstart-seed0"
+        generate("quickstart", data, seed=0)
+        return {**tune.run(data, args.split_scheme, args.method, args.trials, args.epochs, args.max_concurrent),
+                "dataset": "quickstart preset, seed 0 (generated)"}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _ingest(args) -> dict:
