@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from .config_files import load_yaml
 from .errors import HarnessError
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -39,14 +38,7 @@ class Suite:
 
     @classmethod
     def load(cls, path: str | Path) -> Suite:
-        where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise HarnessError(f"{where}: suite file not found") from None
-        except yaml.YAMLError as exc:
-            raise HarnessError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data, where)
+        return cls.from_dict(load_yaml(path, "suite file"), str(path))
 
     @classmethod
     def from_dict(cls, data, where: str) -> Suite:

@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .config_files import load_yaml
 from .errors import HarnessError
 
 DISTRIBUTIONS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "int": ("low", "high"),
@@ -147,14 +146,7 @@ def _check_method_params(method: str, params: dict[str, Param], where: str) -> N
 
 
 def load(path: str | Path, dataset: str | None = None) -> SearchSpace:
-    where = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise HarnessError(f"{where}: search space file not found") from None
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse(data, where, dataset)
+    return parse(load_yaml(path, "search space file"), str(path), dataset)
 
 
 def for_method(method: str, dataset: str | None = None, path: str | None = None) -> SearchSpace:

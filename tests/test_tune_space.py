@@ -67,3 +67,18 @@ def test_dataset_overrides_apply_only_to_that_dataset(tmp_path):
     path = _write(tmp_path, data)
     assert "lr" in tune_space.load(path, dataset="rxrx1-wilds").params
     assert "lr" not in tune_space.load(path, dataset="quickstart").params
+
+
+def test_unreadable_space_and_suite_files_are_refused_naming_the_file(tmp_path):
+    from platebench.harness.bench import Suite
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params: [unclosed\n")
+    with pytest.raises(HarnessError, match=rf"{bad}: not valid YAML"):
+        tune_space.load(bad)
+    with pytest.raises(HarnessError, match=rf"{bad}: not valid YAML"):
+        Suite.load(bad)
+    with pytest.raises(HarnessError, match=rf"{tmp_path / 'none.yaml'}: search space file not found"):
+        tune_space.load(tmp_path / "none.yaml")
+    with pytest.raises(HarnessError, match=rf"{tmp_path / 'none.yaml'}: suite file not found"):
+        Suite.load(tmp_path / "none.yaml")
