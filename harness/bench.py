@@ -9,6 +9,7 @@ Suite file (YAML, strict: unknown keys are errors):
     workers: int
     baseline: str
     epochs: int            (optional: overrides every method's epochs)
+    hparams: {hparam: value, ...}   (optional: for every method; a method's own entries win)
     methods: [NAME | {NAME: {hparam: value, ...}}, ...]
 """
 
@@ -21,7 +22,8 @@ from .config_files import load_yaml
 from .errors import HarnessError
 
 SUITES_DIR = Path(__file__).parent / "suites"
-_KEYS = {"name", "dataset", "split_scheme", "backbone", "seeds", "workers", "baseline", "epochs", "methods"}
+_KEYS = {"name", "dataset", "split_scheme", "backbone", "seeds", "workers", "baseline", "epochs", "hparams",
+         "methods"}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Suite:
     workers: int = 1
     baseline: str = "erm"
     epochs: int | None = None
+    hparams: dict = field(default_factory=dict)  # overrides for every method
     methods: dict[str, dict] = field(default_factory=dict)  # name -> hparam overrides
 
     @classmethod
@@ -66,10 +69,13 @@ class Suite:
                 raise HarnessError(f"{where}: methods[{i}] must be a name or {{name: {{hparams}}}}, got {item!r}")
         if not methods:
             raise HarnessError(f"{where}: no methods")
+        common = data.get("hparams") or {}
+        if not isinstance(common, dict):
+            raise HarnessError(f"{where}: hparams must be a mapping of hyperparameter: value, got {common!r}")
         return cls(name=str(data["name"]), dataset=dict(ds), split_scheme=str(data["split_scheme"]),
                    backbone=str(data.get("backbone", "resnet-tiny")), seeds=[int(s) for s in data.get("seeds", [0])],
                    workers=int(data.get("workers", 1)), baseline=str(data.get("baseline", "erm")),
-                   epochs=data.get("epochs"), methods=methods)
+                   epochs=data.get("epochs"), hparams=dict(common), methods=methods)
 
 
 def default_suite() -> Suite:
@@ -98,7 +104,7 @@ def build_all_specs(suite: Suite, ds) -> list:
 
     specs = []
     for method, hp in suite.methods.items():
-        hp = dict(hp)
+        hp = {**suite.hparams, **hp}
         if suite.epochs is not None:
             hp["epochs"] = suite.epochs
         method_specs = build_specs(ds, suite.split_scheme, method, hp, suite.seeds, suite.backbone)
@@ -107,6 +113,36 @@ def build_all_specs(suite: Suite, ds) -> list:
     if suite.baseline not in suite.methods:
         raise HarnessError(f"baseline {suite.baseline!r} is not among the suite's methods {list(suite.methods)}")
     return specs
+
+
+def time_split(results: list[dict], lanes: dict, wall_s: float) -> dict:
+    """Where a bench's lane time went: training, evaluation, start-up and other (seconds summed over lanes).
+
+    Capacity is lanes × wall time. Training counts each shared training once; evaluation is every run's
+    own; start-up is each lane's Ray Train start (fit() to its first job) plus each job's set-up (building
+    the method and streams); other is the rest (dataset generation, idle lanes, records, the leaderboard).
+    """
+    fresh = [r for r in results if "timings" in r and not r.get("skipped")]
+    per_training: dict[str, dict] = {}
+    for r in fresh:
+        per_training.setdefault(r["training_id"], r["timings"])
+    training = sum(t["training_s"] for t in per_training.values())
+    evaluation = sum(r["timings"]["evaluation_s"] for r in fresh)
+    startup = lanes["startup_s"] + sum(t["setup_s"] for t in per_training.values())
+    capacity = max(1, lanes["lanes"]) * wall_s
+    return {"wall_s": wall_s, "lanes": lanes["lanes"], "capacity_s": capacity, "training_s": training,
+            "evaluation_s": evaluation, "startup_s": startup,
+            "other_s": max(0.0, capacity - training - evaluation - startup),
+            "learning_fraction": (training + evaluation) / capacity if fresh else None}
+
+
+def describe_split(split: dict) -> str:
+    if split["learning_fraction"] is None:
+        return "nothing trained or evaluated"
+    cap = split["capacity_s"]
+    parts = ", ".join(f"{name} {split[f'{name}_s'] / cap:.0%}" for name in ("training", "evaluation", "startup",
+                                                                           "other"))
+    return f"time of {split['lanes']} lane(s): {parts}"
 
 
 README_START = "<!-- quickstart-leaderboard:start -->"

@@ -1,43 +1,121 @@
-"""What a run checkpoints each epoch, and how it comes back after a failure or a restart."""
+"""A training's checkpoints in storage: `<storage>/trainings/<training_id>/`.
+
+- `weights/epoch-NNNNN.pt`: the model's weights after every epoch. Every protocol that shares the training is
+  evaluated from them (its test splits at the epochs a selection rule can choose, its TTA sweeps), and a
+  protocol added after the training finished is evaluated from them without training again.
+- `state.pt`: what resuming needs (model, optimisers, the method's extra state; epochs done, history, MLflow
+  run ids), one file so that it is replaced at once. Written after the epoch's records, so a crash in
+  between only repeats the epoch.
+- `done.json`: the training finished every epoch.
+
+Files hold tensors and plain data only and are read with `torch.load(weights_only=True)`: a checkpoint in a
+shared bucket is data, never code (a pickle that would run code is refused with an error naming the file).
+Every file is written to a temporary name and then renamed, so a crash never leaves a half-written one.
+"""
 
 from __future__ import annotations
 
-import copy
-import os
-from dataclasses import dataclass, field
+import io
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
 
 import torch
-from platebench.methods import Method
+from platebench.datasets.storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
 
-STATE_FILE = "state.pt"
+from .errors import HarnessError
+
+TRAININGS_DIR = "trainings"
 
 
 @dataclass
 class TrainState:
     epoch: int = 0  # epochs completed
-    best_epoch: int = 0  # 1-based epoch with the best validation accuracy so far (0: none yet)
-    best_val: float = float("-inf")
-    best_model: dict | None = None  # state_dict of the best epoch (for the TTA sweeps)
-    history: list[dict] = field(default_factory=list)  # per-epoch summary metrics
-    mlflow_run_id: str | None = None
+    history: list[dict] = field(default_factory=list)  # per-epoch training summary (loss, seconds, ...)
+    mlflow_runs: dict[str, str] = field(default_factory=dict)  # "training" and each run id -> MLflow run id
     mlflow_gaps: list[str] = field(default_factory=list)
 
-    def improve(self, epoch: int, val: float | None, method: Method) -> bool:
-        """Keep the model of the best validation epoch (ties keep the earlier epoch, as selection does)."""
-        if val is None or val <= self.best_val:
-            return False
-        self.best_epoch, self.best_val = epoch, val
-        self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in method.state_dict().items()}
-        return True
 
+class TrainingStore:
+    """Reads and writes one training's checkpoint files."""
 
-def save(directory: str, method: Method, state: TrainState) -> str:
-    path = os.path.join(directory, STATE_FILE)
-    torch.save({"method": method.checkpoint_state(), "train": copy.copy(state).__dict__}, path)
-    return path
+    def __init__(self, storage: str, options: StorageOptions | None, training_id: str):
+        self.storage, self.options, self.training_id = storage, options, training_id
+        self.fs, root = filesystem(storage, options)
+        self.root = join(root, TRAININGS_DIR, training_id)
+        self.url = join(storage, TRAININGS_DIR, training_id)
 
+    # -- plain files ----------------------------------------------------------------------------
+    def _write(self, name: str, data: bytes) -> None:
+        path = join(self.root, name)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+        except STORAGE_ERRORS as exc:
+            raise describe_error(exc, f"writing {join(self.url, name)}") from exc
 
-def load(directory: str, method: Method, device) -> TrainState:
-    blob = torch.load(os.path.join(directory, STATE_FILE), map_location=device, weights_only=False)
-    method.load_checkpoint_state(blob["method"])
-    return TrainState(**blob["train"])
+    def _read(self, name: str) -> bytes | None:
+        path = join(self.root, name)
+        try:
+            return self.fs.cat_file(path) if self.fs.exists(path) else None
+        except STORAGE_ERRORS as exc:
+            raise describe_error(exc, f"reading {join(self.url, name)}") from exc
+
+    def write_json(self, name: str, payload) -> None:
+        self._write(name, json.dumps(payload, indent=1, default=list).encode())
+
+    def read_json(self, name: str):
+        data = self._read(name)
+        return None if data is None else json.loads(data)
+
+    def _save_tensors(self, name: str, obj) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self._write(name, buf.getvalue())
+
+    def _load_tensors(self, name: str, map_location):
+        data = self._read(name)
+        if data is None:
+            return None
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, ...: all mean "not ours"
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise HarnessError(f"{join(self.url, name)}: not a tensors-only checkpoint, refusing to load it "
+                               f"({first}); delete the training's folder to train it again") from None
+
+    # -- weights per epoch ----------------------------------------------------------------------
+    def save_weights(self, epoch: int, state_dict: dict) -> None:
+        self._save_tensors(f"weights/epoch-{epoch:05d}.pt", {k: v.detach().cpu() for k, v in state_dict.items()})
+
+    def load_weights(self, epoch: int, map_location="cpu") -> dict:
+        weights = self._load_tensors(f"weights/epoch-{epoch:05d}.pt", map_location)
+        if weights is None:
+            raise HarnessError(f"{self.url}: no weights of epoch {epoch} (weights/epoch-{epoch:05d}.pt)")
+        return weights
+
+    def weight_epochs(self) -> list[int]:
+        try:
+            files = self.fs.glob(join(self.root, "weights", "epoch-?????.pt"))
+        except STORAGE_ERRORS as exc:
+            raise describe_error(exc, f"listing {self.url}/weights") from exc
+        return sorted(int(f.rsplit("-", 1)[1][:5]) for f in files)
+
+    # -- resume state ---------------------------------------------------------------------------
+    def save_state(self, method_state: dict, train: TrainState) -> None:
+        self._save_tensors("state.pt", {"method": method_state, "train": asdict(train)})
+
+    def load_state(self, map_location="cpu") -> tuple[dict, TrainState] | None:
+        blob = self._load_tensors("state.pt", map_location)
+        if blob is None:
+            return None
+        return blob["method"], TrainState(**blob["train"])
+
+    # -- completion -----------------------------------------------------------------------------
+    def read_done(self) -> dict | None:
+        return self.read_json("done.json")
+
+    def write_done(self, payload: dict) -> None:
+        self.write_json("done.json", payload)

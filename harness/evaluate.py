@@ -1,9 +1,11 @@
-"""Evaluation of a method on every split of a scheme, per domain, under the run's protocol.
+"""Evaluation of a method on the splits of a scheme, per domain, under the run's protocol.
 
 `standard` methods predict in eval mode on plate-pure batches of a fixed size; `tta` methods adapt on
 plate-pure test batches of their own batch size (plus controls when they use them) and are also
 measured across test batch sizes and numbers of controls (the sweeps, run once on the selected model).
-Each rank evaluates its own plates; per-plate counts are gathered so every rank holds the same result.
+The validation splits are evaluated after every epoch, the test splits only at the epochs a selection
+rule can choose (harness/train_loop.py). Each rank evaluates its own plates; per-plate counts are
+gathered so every rank holds the same result.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Evaluator:
         self.cache = cache
         self.scheme = ds.manifest.scheme(spec.split_scheme)
         self.splits = [s for s in self.scheme.splits if s != "train"]
+        self.val_splits = [s for s in self.splits if self.scheme.role(s) == "val"]
+        self.test_splits = [s for s in self.splits if self.scheme.role(s) == "test"]
         self.track = type(method).track
         req = method.data_request()
         if self.track == "tta":
@@ -82,7 +86,7 @@ class Evaluator:
                 "method": self.spec.method, "track": self.track, "seed": self.spec.seed,
                 "hparams": self.spec.hparams_json, "epoch": epoch, "split": split,
                 "split_role": self.scheme.role(split), "eval_batch_size": batch_size, "n_controls": n_controls,
-                "protocol": protocol, "harness_version": self.spec.harness_version}
+                "protocol": protocol, "code": self.spec.code_label}
         out = []
         for (kind, domain), cs in sorted(groups.items()):
             n = sum(c.n for c in cs)
@@ -95,10 +99,10 @@ class Evaluator:
                             "value": sum(c.loss_sum for c in cs) / n, "n": n})
         return out
 
-    def main(self, method: Method, epoch: int) -> list[dict]:
-        """The leaderboard's protocol on every non-train split (called after every epoch)."""
+    def main(self, method: Method, epoch: int, splits: list[str]) -> list[dict]:
+        """The leaderboard's protocol on `splits` (the model as it is after `epoch` epochs)."""
         rows = []
-        for split in self.splits:
+        for split in splits:
             counts = self.counts(method, split, self.main_batch, self.main_controls)
             rows += self.rows(counts, epoch, split, self.main_batch, self.main_controls, "main")
         return rows
@@ -114,8 +118,7 @@ class Evaluator:
         if self.track != "tta":
             return []
         rows = []
-        tests = [s for s in self.splits if self.scheme.role(s) == "test"]
-        tests = [s for s in tests if not s.startswith("id_")] or tests
+        tests = [s for s in self.test_splits if not s.startswith("id_")] or self.test_splits
         for split in tests:
             stream = self._stream(split, self.main_batch, self.main_controls)
             largest = max(stream.plate_rows.values())

@@ -57,7 +57,7 @@ def domain_columns(rows: list[dict]) -> tuple[str | None, list[str]]:
 
 
 def _row(method: str, track: str, cell: Mapping, kind: str | None, domains: list[str],
-         base_total: Mapping[int, float] | None, is_baseline: bool, n_resamples: int, seed: int) -> dict:
+         base_total: Mapping[int, float] | None, is_baseline: bool) -> dict:
     total_rows = cell.get("total", {})
     per_seed = {s: r["value"] for s, r in sorted(total_rows.items())}
     summ = stats.summarize(list(per_seed.values()))
@@ -90,7 +90,7 @@ def _row(method: str, track: str, cell: Mapping, kind: str | None, domains: list
         "complete": not reasons, "incomplete_reasons": reasons, "rank": None,
     }
     if base_total is not None and not is_baseline:
-        cmp = stats.compare_paired(per_seed, base_total, n_resamples=n_resamples, seed=seed)
+        cmp = stats.compare_paired(per_seed, base_total)
         row.update(n_paired=cmp.n_paired, diff_mean=cmp.diff_mean, p_paired_t=cmp.p_paired_t,
                    p_wilcoxon=cmp.p_wilcoxon, diff_ci95=list(cmp.diff_ci95) if cmp.diff_ci95 else None)
     return row
@@ -112,8 +112,7 @@ def _sort_rows(rows: list[dict]) -> list[dict]:
 
 
 def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val",
-                      best_configs: Mapping | None = None, alpha: float = ALPHA,
-                      n_resamples: int = stats.N_RESAMPLES, seed: int = stats.BOOTSTRAP_SEED) -> dict:
+                      best_configs: Mapping | None = None, alpha: float = ALPHA) -> dict:
     """The whole leaderboard as a JSON-ready dict: {"tables": [...], "sweeps": [...], "settings": {...}}."""
     if len(records) == 0:
         raise HarnessError("no records to build a leaderboard from")
@@ -165,11 +164,11 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
             base_total = {s: r["value"] for s, r in base_cell["total"].items()}
             out_rows = []
             if base_track != track:
-                ref = _row(baseline, base_track, base_cell, kind, domains, base_total, True, n_resamples, seed)
+                ref = _row(baseline, base_track, base_cell, kind, domains, base_total, True)
                 out_rows.append({**ref, "reference": True})
             for m in methods:
                 out_rows.append(_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
-                                     m == baseline, n_resamples, seed))
+                                     m == baseline))
             for r in out_rows:
                 r.setdefault("reference", False)
                 r["is_baseline"] = r["method"] == baseline and r["track"] == base_track
@@ -182,14 +181,14 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                 "baseline": baseline, "baseline_track": base_track,
                 "selection": {"split": None if rule == "last-epoch" else sel_split[0], "rule": rule},
                 "dataset_checksum": next(iter(checksums[(ds, sc)])),
-                "harness_versions": sorted({r["harness_version"] for r in split_rows}),
+                "code": sorted({r["code"] for r in split_rows}),
                 "seeds": sorted(base_total), "domain_kind": kind, "domains": domains,
                 "rows": _sort_rows(out_rows),
             })
     return {"tables": tables, "sweeps": build_sweeps(rows), "sweeps_left_out": sweeps_left_out(records, rows),
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
-                         "bootstrap": {"n_resamples": n_resamples, "seed": seed, "method": "percentile",
-                                       "confidence": stats.CONFIDENCE},
+                         "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,
+                                      "of": "mean paired difference vs the baseline over seeds"},
                          "std_ddof": 1, "domain_column_kinds": list(COLUMN_KINDS)}}
 
 

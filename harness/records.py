@@ -38,7 +38,7 @@ RECORD_SCHEMA = pa.schema(
         ("metric", pa.string()),  # "accuracy" | "loss"
         ("value", pa.float64()),
         ("n", pa.int64()),  # images behind the value
-        ("harness_version", pa.string()),
+        ("code", pa.string()),  # harness version + source hash of the code that made the number
     ]
 )
 RECORDS_DIR = "records"

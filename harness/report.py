@@ -55,7 +55,7 @@ def _holm(r: dict) -> str:
 def table_matrix(t: dict) -> tuple[list[str], list[list[str]]]:
     """Header and body cells of one leaderboard table (shared by Markdown and HTML)."""
     base = t["baseline"]
-    head = ["Rank", "Method", *t["domains"], "Total", f"Δ vs {base} (pp) [95% CI]", "p (paired t)",
+    head = ["Rank", "Method", *t["domains"], "Total", f"Δ vs {base} (pp) [95% t-CI]", "p (paired t)",
             "p (Wilcoxon)", "Holm"]
     body = []
     for r in t["rows"]:
@@ -118,7 +118,8 @@ def to_markdown(board: dict) -> str:
     lines = ["# platebench leaderboard", "",
              f"Accuracy (%) at each run's selected epoch (selection `{s['selection']}`), mean ± std (ddof=1) "
              f"over seeds (n). Each row is compared with `{s['baseline']}` on the same seeds: Δ = mean paired "
-             f"difference in percentage points with a seeded percentile bootstrap 95% CI, two-sided paired t-test, "
+             f"difference in percentage points with its {s['interval']['method']} {s['interval']['confidence']:.0%} "
+             f"interval, two-sided paired t-test, "
              f"two-sided Wilcoxon signed-rank test. Holm: `*` = significant at α = {s['alpha']} after Holm "
              "correction over the table's complete rows. † = incomplete: no rank, no Holm decision.", ""]
     for t in board["tables"]:

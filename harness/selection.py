@@ -32,12 +32,12 @@ TRACKS = ("standard", "tta")
 ROLES = ("train", "val", "test")
 DOMAIN_KINDS = ("all", "plate", "batch", "source", "cell_type")
 METRICS = ("accuracy", "loss")
-RUN_FIELDS = ("dataset", "dataset_checksum", "split_scheme", "method", "seed", "hparams", "harness_version")
+RUN_FIELDS = ("dataset", "dataset_checksum", "split_scheme", "method", "seed", "hparams", "code")
 
 SELECTED_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("dataset", pa.string()), ("dataset_checksum", pa.string()),
     ("split_scheme", pa.string()), ("method", pa.string()), ("track", pa.string()), ("seed", pa.int64()),
-    ("hparams", pa.string()), ("harness_version", pa.string()),
+    ("hparams", pa.string()), ("code", pa.string()),
     ("selection_rule", pa.string()), ("selection_split", pa.string()), ("epoch", pa.int64()),
     ("split", pa.string()), ("split_role", pa.string()), ("domain_kind", pa.string()), ("domain", pa.string()),
     ("protocol", pa.string()), ("eval_batch_size", pa.int64()), ("n_controls", pa.int64()),

@@ -78,44 +78,32 @@ def open_tracking(args, experiment: str, parent_name: str, params: dict,
 
 
 class Progress:
-    """Runs done/total, current epochs, elapsed and ETA, on stderr while runs go on."""
+    """Runs done/total, what each lane is doing, elapsed and ETA, on stderr while runs go on."""
 
-    def __init__(self, total: int, launch: Launch, stream=None):
-        self.total, self.launch, self.stream = total, launch, stream
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream
         self.start = time.time()
         self.done = 0
-        self.running: dict[str, object] = {}
+        self.lanes: dict[str, dict] = {}
         self._last = 0.0
 
     def event(self, kind: str, spec, result) -> None:
-        if kind == "started":
-            self.running[spec.run_id] = spec
-        elif kind in ("finished", "failed", "skipped"):
-            self.running.pop(spec.run_id, None)
+        if kind in ("finished", "failed", "skipped"):
             self.done += 1
             tag = {"finished": "done", "failed": "FAILED", "skipped": "already done"}[kind]
             extra = f": {result['error']}" if kind == "failed" else ""
             self._line(f"[{self.done}/{self.total}] {spec.method} seed {spec.seed} {tag}{extra}", force=True)
-            return
-        self._line(self._status())
-
-    def _epochs(self, spec) -> str:
-        from platebench.datasets.storage import filesystem, join
-
-        fs, root = filesystem(self.launch.storage, self.launch.options)
-        try:
-            n = len(fs.glob(join(root, "records", spec.run_id, "epoch-?????.parquet")))
-        except OSError:
-            n = 0
-        return f"{spec.method}/s{spec.seed} epoch {n}/{spec.hparams['epochs']}"
+        elif kind == "tick":
+            self.lanes = result or {}
+            self._line(self._status())
 
     def _status(self) -> str:
         elapsed = time.time() - self.start
         eta = ""
         if self.done:
             eta = f", ETA {max(0.0, elapsed / self.done * (self.total - self.done)) / 60:.1f} min"
-        running = "; ".join(self._epochs(s) for s in self.running.values())
-        return f"[{self.done}/{self.total} runs, {elapsed / 60:.1f} min{eta}] {running}"
+        lanes = "; ".join(f"{p['label']} epoch {p['epoch']}/{p['epochs']} {p['phase']}" for p in self.lanes.values())
+        return f"[{self.done}/{self.total} runs, {elapsed / 60:.1f} min{eta}] {lanes}"
 
     def _line(self, text: str, force: bool = False) -> None:
         now = time.time()

@@ -12,7 +12,7 @@ same hyperparameter sample for every seed (DomainBed issue #111). Trial runs kee
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import filesystem, join
@@ -63,13 +63,12 @@ def trial_spec(cfg: SweepConfig, sampled: dict):
     return build_specs(ds, cfg.split_scheme, cfg.method, hp, [cfg.trial_seed], cfg.backbone)[0]
 
 
-def run_trial(config: dict, cfg: SweepConfig, launch_dict: dict, experiment: str) -> None:
+def run_trial(config: dict, cfg: SweepConfig, launch: Launch, experiment: str) -> None:
     """One Tune trial = one Ray Train run of the sampled configuration."""
     from ray import tune
 
     from . import tracking
 
-    launch = _launch_from_dict(launch_dict)
     spec = trial_spec(cfg, config)
     trial_launch = replace(launch, storage=trial_storage(launch, experiment))
     done = read_done(trial_launch, spec.run_id)
@@ -130,15 +129,6 @@ def _ReportAllButLast(last_epoch: int):  # noqa: N802 - builds the callback lazi
     return _report_all_but_last_class()(last_epoch)
 
 
-def _launch_from_dict(d: dict) -> Launch:
-    from platebench.datasets.storage import StorageOptions
-
-    d = dict(d)
-    d["options"] = StorageOptions(**d["options"])
-    d["mlflow"] = MlflowTarget(**d["mlflow"]) if d.get("mlflow") else None
-    return Launch(**d)
-
-
 def _searcher(cfg: SweepConfig):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
@@ -179,9 +169,8 @@ def run_sweep(cfg: SweepConfig, launch: Launch, resume: bool = False) -> dict:
     experiment = experiment_name(cfg, ds.manifest.checksum())
     check_storage_writable(replace(launch, storage=trial_storage(launch, experiment)))
     fs, path = pyarrow_filesystem(join(launch.storage, "tune"), launch.options)
-    launch_dict = asdict(launch)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, cfg=cfg, launch_dict=launch_dict, experiment=experiment),
+        tune.with_parameters(run_trial, cfg=cfg, launch=launch, experiment=experiment),
         {"cpu": 0.01})  # the trial only drives its TorchTrainer; Tune rejects 0 (ray-research §4)
     exp_path = f"{path}/{experiment}"
     exists = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
@@ -206,17 +195,20 @@ def run_sweep(cfg: SweepConfig, launch: Launch, resume: bool = False) -> dict:
         spec = trial_spec(cfg, sampled)
         trials.append({"trial_id": getattr(res, "path", None) and res.path.rsplit("/", 1)[-1],
                        "sampled": sampled, "run_id": spec.run_id, "hparams": spec.hparams,
-                       "error": str(res.error).splitlines()[0][:300] if res.error else None, **_timing(res)})
+                       "error": str(res.error).splitlines()[0][:300] if res.error else None,
+                       **_timing(res, read_done(replace(launch, storage=trial_storage(launch, experiment)),
+                                                spec.run_id))})
     return {"experiment": experiment, "trials": trials, "path": f"{launch.storage}/tune/{experiment}"}
 
 
-def _timing(res) -> dict:
-    """Wall time of a trial (Tune's time_total_s) and the part spent training and evaluating."""
+def _timing(res, done: dict | None) -> dict:
+    """Wall time of a trial (Tune's time_total_s) and the part its run spent training and evaluating (the run's
+    done marker). A trial stopped early by the scheduler has no done marker and no timing."""
     df = res.metrics_dataframe
-    if df is None or df.empty or "time_total_s" not in df:
+    if df is None or df.empty or "time_total_s" not in df or done is None or "timings" not in done:
         return {}
-    work = sum(float(df[c].fillna(0).sum()) for c in ("train_seconds", "eval_seconds") if c in df)
-    return {"trial_seconds": float(df["time_total_s"].max()), "work_seconds": work,
+    t = done["timings"]
+    return {"trial_seconds": float(df["time_total_s"].max()), "work_seconds": t["training_s"] + t["evaluation_s"],
             "epochs_reported": int(len(df))}
 
 

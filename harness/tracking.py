@@ -1,10 +1,11 @@
 """MLflow: the user-facing view of runs (records in storage stay the source of truth).
 
 The driver creates the experiment (with an explicit artifact location: an experiment created inside a
-Ray worker would put its artifacts in Ray's temp session dir, ray-research §4) and one parent run per
-`platebench run`/`bench`/`sweep`. Rank 0 of each Train run opens its child run with Ray's
-`setup_mlflow` (tagged with the parent) and re-attaches to the same child after a resume. MLflow
-failures never stop training: they are counted as gaps and reported when the run ends.
+Ray worker would put its artifacts in Ray's temp session dir) and one parent run per
+`platebench run`/`bench`/`sweep`. Under it, rank 0 of a lane opens one run per training and, nested under
+that, one run per evaluated method (AdaBN's run sits under the ERM training it shares), all from a
+background thread. MLflow failures never stop training: they are counted as gaps and reported when the
+run ends.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HarnessError
@@ -129,66 +130,130 @@ def epoch_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-@dataclass
-class RunTracker:
-    """Rank 0's child run. Every call is guarded: a failure is a gap, never a training error."""
+PHASES = ("train", "val", "tests")
 
-    target: MlflowTarget | None
-    run_id: str | None = None
-    gaps: list[str] = field(default_factory=list)
-    _mlflow: object = None
 
-    def start(self, name: str, params: dict, tags: dict) -> None:
+class BackgroundTracker:
+    """MLflow writes of a lane's trainings and runs, made by one background thread in submission order, so
+    training never waits for the tracking server. Every write is guarded: a failure is a gap, never a
+    training error.
+
+    Runs are found again by their platebench key (a training id or a run id, tag `platebench.key`) rather than
+    created anew, so a resumed training logs into the same MLflow runs; epochs that MLflow already holds (an
+    epoch repeated after a worker restart) are not logged twice.
+    """
+
+    def __init__(self, target: MlflowTarget | None, flush_timeout: float = 120.0):
+        import queue
+        import threading
+
+        self.target, self.flush_timeout = target, flush_timeout
+        self.run_ids: dict[str, str] = {}
+        self.gaps: dict[str, list[str]] = {}
+        self._logged: dict[str, set[tuple[str, int]]] = {}
+        self._queue: queue.Queue = queue.Queue()
+        self._client = None
+        if target is not None:
+            for k, v in MLFLOW_ENV.items():
+                os.environ.setdefault(k, v)
+            threading.Thread(target=self._work, name="platebench-mlflow", daemon=True).start()
+
+    # -- the caller's side (returns at once) -------------------------------------------------------
+    def open(self, key: str, name: str, kind: str, params: dict, parent_key: str | None = None,
+             tags: dict | None = None) -> None:
+        self._put(self._open, key, name, kind, params, parent_key, tags or {})
+
+    def log_metrics(self, key: str, metrics: dict[str, float], step: int, phase: str) -> None:
+        """Log `metrics` at `step` once per (phase, step): a replayed epoch is not logged again."""
+        self._put(self._log_metrics, key, metrics, step, phase)
+
+    def log_text(self, key: str, filename: str, text: str) -> None:
+        self._put(self._log_text, key, filename, text)
+
+    def close(self, key: str, status: str = "FINISHED") -> None:
+        self._put(self._close, key, status)
+
+    def flush(self) -> None:
+        """Wait (at most `flush_timeout` s) for the writes so far; what did not make it becomes a gap."""
         if self.target is None:
             return
-        for k, v in MLFLOW_ENV.items():
-            os.environ.setdefault(k, v)
-        try:
-            import mlflow
+        import threading
 
-            if self.run_id:  # resumed: keep logging into the same child run
-                mlflow.set_tracking_uri(self.target.tracking_uri)
-                mlflow.start_run(run_id=self.run_id)
-                self._mlflow = mlflow
-            else:
-                from ray.air.integrations.mlflow import setup_mlflow
+        done = threading.Event()
+        self._queue.put((done.set, ()))
+        if not done.wait(self.flush_timeout):
+            for key in list(self.run_ids):
+                self.gaps.setdefault(key, []).append(f"MLflow writes still pending after {self.flush_timeout:.0f} s")
 
-                if self.target.parent_run_id:
-                    tags = {**tags, "mlflow.parentRunId": self.target.parent_run_id}
-                self._mlflow = setup_mlflow(flat_params(params), tracking_uri=self.target.tracking_uri,
-                                            experiment_id=self.target.experiment_id, run_name=name, tags=tags,
-                                            rank_zero_only=True)
-                active = self._mlflow.active_run() if hasattr(self._mlflow, "active_run") else None
-                self.run_id = active.info.run_id if active else None
-        except Exception as exc:  # noqa: BLE001
-            self._gap("start", exc)
+    # -- the thread's side ---------------------------------------------------------------------------
+    def _put(self, fn, *args) -> None:
+        if self.target is not None:
+            self._queue.put((fn, args))
 
-    def _gap(self, what: str, exc: Exception) -> None:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        self.gaps.append(f"{what}: {type(exc).__name__}: {first[:160]}")
+    def _work(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many types; each is a gap
+                key = args[0] if args and isinstance(args[0], str) else "mlflow"
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                self.gaps.setdefault(key, []).append(f"{fn.__name__.strip('_')}: {type(exc).__name__}: "
+                                                     f"{first[:160]}")
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self._mlflow is None:
+    def _mlflow(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.target.tracking_uri)
+        return self._client
+
+    def _open(self, key, name, kind, params, parent_key, tags) -> None:
+        client = self._mlflow()
+        found = client.search_runs([self.target.experiment_id], filter_string=f"tags.`platebench.key` = '{key}'",
+                                   max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            self._logged[key] = {(phase, int(m.step)) for phase in PHASES
+                                 for m in client.get_metric_history(run_id, f"logged/{phase}")}
+        else:
+            parent = self.run_ids.get(parent_key) if parent_key else self.target.parent_run_id
+            all_tags = {"platebench.key": key, "platebench.kind": kind, **tags}
+            if parent:
+                all_tags["mlflow.parentRunId"] = parent
+            run_id = client.create_run(self.target.experiment_id, run_name=name, tags=all_tags).info.run_id
+            from mlflow.entities import Param
+
+            flat = flat_params(params)
+            items = [Param(k, v) for k, v in flat.items()]
+            for i in range(0, len(items), 100):  # MLflow's batch limit for params
+                client.log_batch(run_id, params=items[i:i + 100])
+            self._logged[key] = set()
+        self.run_ids[key] = run_id
+
+    def _log_metrics(self, key, metrics, step, phase) -> None:
+        if key not in self.run_ids or (phase, step) in self._logged.get(key, set()):
             return
-        try:
-            self._mlflow.log_metrics(metrics, step=step)
-        except Exception as exc:  # noqa: BLE001
-            self._gap(f"metrics of epoch {step}", exc)
+        import time as _time
 
-    def log_artifact(self, path: str) -> None:
-        if self._mlflow is None:
-            return
-        try:
-            self._mlflow.log_artifact(path)
-        except Exception as exc:  # noqa: BLE001
-            self._gap(f"artifact {Path(path).name}", exc)
+        from mlflow.entities import Metric
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self._mlflow is None:
+        now = int(_time.time() * 1000)
+        # the marker metric says which (phase, epoch) MLflow holds, read back when the run is reopened
+        items = [Metric(k, float(v), now, step) for k, v in {**metrics, f"logged/{phase}": 1.0}.items()]
+        for i in range(0, len(items), 1000):
+            self._mlflow().log_batch(self.run_ids[key], metrics=items[i:i + 1000])
+        self._logged.setdefault(key, set()).add((phase, step))
+
+    def _log_text(self, key, filename, text) -> None:
+        if key in self.run_ids:
+            self._mlflow().log_text(self.run_ids[key], text, filename)
+
+    def _close(self, key, status) -> None:
+        if key not in self.run_ids:
             return
-        try:
-            if self.gaps:
-                self._mlflow.set_tag("platebench.mlflow_gaps", "; ".join(self.gaps)[:4000])
-            self._mlflow.end_run(status=status)
-        except Exception as exc:  # noqa: BLE001
-            self._gap("end", exc)
+        client = self._mlflow()
+        if self.gaps.get(key):
+            client.set_tag(self.run_ids[key], "platebench.mlflow_gaps", "; ".join(self.gaps[key])[:4000])
+        client.set_terminated(self.run_ids[key], status=status)

@@ -1,32 +1,45 @@
-"""The function every Ray Train worker runs for one run (one method, one seed).
+"""What every Ray Train worker of a lane runs: job after job from the queue, each one training that is
+evaluated under every protocol that shares it (ERM's training under ERM's and AdaBN's protocols).
 
-Per epoch: seeded plate-grouped stream over this rank's plates → `Method.training_step` with the LR
-schedule → buffer sync → evaluation on every split (ranks share the plates and gather counts) → rank 0
-writes that epoch's records, then reports a checkpoint. Records go first so that a crash between the
-two only repeats the epoch, and the repeat overwrites the same records file (no duplicates).
+One job, on every rank (ranks train disjoint plates and gather evaluation counts):
+1. train epoch after epoch from the seeded plate stream (resuming from the training's checkpoint);
+   after each epoch save the weights, evaluate every protocol on the validation splits, write those
+   records (rank 0), then the resume state, then report to Ray Train;
+2. evaluate each protocol's test splits only at the epochs a selection rule can choose from its
+   validation records (the best validation epoch and the last), from the kept weights; run the TTA
+   sweeps at the best validation epoch;
+3. write each run's done marker.
+A protocol whose records lack epochs the training has (one added after the training ran) is first
+evaluated on the validation splits from the kept weights: nothing is trained twice. The lane keeps the
+dataset's parts in memory across jobs and sends MLflow writes to a background thread.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
-from platebench.datasets.shards import open_dataset
-from platebench.datasets.storage import StorageOptions
-from platebench.methods import get_method
+from platebench.datasets.errors import DatasetError
+from platebench.datasets.shards import ShardDataset, open_dataset
+from platebench.methods import Method, MethodError, get_method
 
 from . import checkpointing, faults
+from .errors import HarnessError
 from .evaluate import Evaluator, main_value
-from .records import write_epoch_records
+from .jobs import Job
+from .records import read_records, write_epoch_records
 from .runspec import RunSpec, task_spec
 from .schedule import lr_factor
+from .selection import LEADERBOARD_RULES, select_epoch
 from .stream import PartCache, PlateStream, StreamConfig
-from .tracking import MlflowTarget, RunTracker, epoch_metrics
+from .tracking import BackgroundTracker, epoch_metrics
+
+# Errors that a retry cannot fix (bad data, a bad configuration): the job fails at once, the lane goes on.
+PERMANENT_ERRORS = (HarnessError, DatasetError, MethodError)
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
     import random
 
     import numpy as np
@@ -36,164 +49,289 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_worker(config: dict) -> None:
+@dataclass
+class Lane:
+    """What one worker keeps across the jobs of its lane."""
+
+    name: str
+    launch: object  # runner.Launch
+    rank: int
+    world: int
+    device: torch.device
+    tracker: BackgroundTracker
+    cache: PartCache
+    datasets: dict[str, ShardDataset] = field(default_factory=dict)
+
+    def dataset(self, url: str) -> ShardDataset:
+        if url not in self.datasets:
+            self.datasets[url] = open_dataset(url, self.launch.options)
+        return self.datasets[url]
+
+
+def lane_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
-
-    t_start = time.perf_counter()
-    spec = RunSpec.from_dict(config["spec"])
-    storage, options = config["storage"], StorageOptions(**config["storage_options"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    ds = open_dataset(spec.data, options)
-
-    _seed_all(spec.seed)  # same seed on every rank: identical initial parameters
-    method = get_method(spec.method)(task_spec(ds), spec.hparams, spec.backbone).to(device)
-    state = checkpointing.TrainState()
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = checkpointing.load(d, method, device)
-
-    hp = spec.hparams
-    req = method.data_request()
-    cache = PartCache(int(config.get("cache_mb", 512)) * 2**20)  # shared by the run's streams
-    train = PlateStream(ds, StreamConfig(
-        scheme=spec.split_scheme, split="train", batch_size=req.batch_size, train=True, plate_pure=req.plate_pure,
-        plates_per_step=req.plates_per_step, n_controls=req.n_controls, seed=spec.seed, augment=hp["augment"],
-        read_cpus=config.get("read_cpus", 0.25)), rank, world, cache)
-    evaluator = Evaluator(ds, spec, method, rank, world, device, cache)
-    tracker = RunTracker(MlflowTarget(**config["mlflow"]) if config.get("mlflow") else None,
-                         run_id=state.mlflow_run_id, gaps=list(state.mlflow_gaps))
-    if rank == 0:
-        tracker.start(name=f"{spec.method} seed {spec.seed}", params=_params(spec, config),
-                      tags={"platebench.run_id": spec.run_id, "platebench.kind": "seed"})
-
-    _record_placement(spec, storage, options, rank)
-    timings = {"setup_s": time.perf_counter() - t_start, "epochs_s": []}
-    epochs = hp["epochs"]
-    fault = faults.parse(config.get("fault"))
-    for epoch in range(state.epoch, epochs):
-        t0 = time.perf_counter()
-        _seed_all(spec.seed * 7919 + rank * 104729 + epoch)  # per-rank noise, reproducible after resume
-        method.train()
-        method.on_epoch_start(epoch, epochs)
-        steps = train.steps(epoch)
-        sums: dict[str, float] = {}
-        for i, batch in enumerate(train.epoch(epoch)):
-            faults.maybe_fail(fault, storage, options, spec.run_id, epoch, i, rank)
-            method.set_lr_factor(lr_factor(epoch, i, steps, epochs, hp["warmup_epochs"], hp["schedule"]))
-            batch = [b.to(device) for b in batch] if isinstance(batch, list) else batch.to(device)
-            for k, v in method.training_step(batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        method.sync_buffers()
-        train_seconds = time.perf_counter() - t0
-        rows = evaluator.main(method, epoch + 1)
-        val = main_value(rows, evaluator.scheme.selection_split)
-        improved = state.improve(epoch + 1, val, method)
-        state.epoch = epoch + 1
-        summary = {"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds,
-                   "eval_seconds": time.perf_counter() - t0 - train_seconds,
-                   **{f"train_{k}": v / max(1, steps) for k, v in sums.items()},
-                   "val_accuracy": val if val is not None else float("nan"), "improved": improved}
-        state.history.append(summary)
-        timings["epochs_s"].append(time.perf_counter() - t0)
-        metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-        if rank == 0:
-            write_epoch_records(storage, spec.run_id, epoch + 1, rows, options)
-            tracker.log_metrics({**epoch_metrics(rows), **{f"train/{k}": v for k, v in metrics.items()}}, epoch + 1)
-            state.mlflow_run_id, state.mlflow_gaps = tracker.run_id, list(tracker.gaps)
-            with tempfile.TemporaryDirectory() as d:
-                checkpointing.save(d, method, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-
-    # The TTA sweeps run once, on the model of the best validation epoch.
-    t_sweeps = time.perf_counter()
-    if evaluator.track == "tta" and state.best_model is not None:
-        method.load_state_dict({k: v.to(device) for k, v in state.best_model.items()})
-        sweep_rows = evaluator.sweeps(method, state.best_epoch)
-        if rank == 0 and sweep_rows:
-            write_epoch_records(storage, spec.run_id, state.best_epoch, sweep_rows, options, kind="sweeps")
-    timings["sweeps_s"] = time.perf_counter() - t_sweeps
-    if rank == 0:
-        t_finish = time.perf_counter()
-        _finish_tracking(tracker, spec, state)
-        timings["finish_s"] = time.perf_counter() - t_finish
-        _write_run_file(storage, options, spec.run_id, "timings.json", timings)
-        if tracker.gaps:  # MLflow was unreachable at times: say so where the run's facts live
-            _write_run_file(storage, options, spec.run_id, "mlflow_gaps.json", tracker.gaps)
-
-
-def _write_run_file(storage: str, options: StorageOptions, run_id: str, name: str, payload) -> None:
-    import json
-
-    from platebench.datasets.storage import filesystem, join
-
-    fs, root = filesystem(storage, options)
-    fs.makedirs(join(root, "runs", run_id), exist_ok=True)
-    fs.pipe_file(join(root, "runs", run_id, name), json.dumps(payload, indent=1).encode())
-
-
-def _record_placement(spec: RunSpec, storage: str, options: StorageOptions, rank: int) -> None:
-    """Which node each rank runs on (runs/<run_id>/placement.json), for multi-node checks and debugging."""
-    import ray
     from platebench.methods.distributed import all_gather_objects
 
-    mine = [{"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}]
-    everyone = all_gather_objects(mine)
-    if rank == 0:
-        _write_run_file(storage, options, spec.run_id, "placement.json", sorted(everyone, key=lambda r: r["rank"]))
+    launch, queue = config["launch"], config["queue"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tracker = BackgroundTracker(launch.mlflow if rank == 0 else None)
+    lane = Lane(name=config["lane"], launch=launch, rank=rank, world=world, device=ray.train.torch.get_device(),
+                tracker=tracker, cache=PartCache(launch.cache_mb * 2**20))
+    import ray
+
+    while True:
+        claimed = ray.get(queue.claim.remote(lane.name)) if rank == 0 else None
+        job_dict = all_gather_objects([claimed])[0]  # every rank works on rank 0's job
+        if job_dict is None:
+            break
+        job = Job.from_dict(job_dict)
+        try:
+            results = JobRun(job, lane, queue).run()
+        except PERMANENT_ERRORS as exc:
+            if rank == 0:
+                ray.get(queue.fail.remote(lane.name, job.key, f"{type(exc).__name__}: {exc}"))
+            if world > 1:
+                raise  # the other ranks cannot go on alone; the restarted lane skips the failed job
+            continue
+        if rank == 0:
+            ray.get(queue.finish.remote(lane.name, job.key, results))
+    tracker.flush()
 
 
-def _params(spec: RunSpec, config: dict) -> dict:
-    return {**spec.hparams, "method": spec.method, "seed": spec.seed, "backbone": spec.backbone,
-            "dataset": spec.dataset, "dataset_checksum": spec.dataset_checksum, "split_scheme": spec.split_scheme,
-            "harness_version": spec.harness_version, "git_commit": config.get("git_commit") or "unknown",
-            "run_id": spec.run_id, "workers": config.get("workers", 1)}
+class JobRun:
+    """One job on one rank of a lane (see the module docstring)."""
+
+    def __init__(self, job: Job, lane: Lane, queue):
+        self.job, self.lane, self.queue = job, lane, queue
+        self.launch = lane.launch
+        self.training = job.training
+        self.store = checkpointing.TrainingStore(self.launch.storage, self.launch.options, self.training.training_id)
+        self.timings: dict = {"setup_s": 0.0, "train_s": 0.0, "eval_s": {}, "epochs": 0}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _run_done(self, spec: RunSpec) -> dict | None:
+        from .runner import read_done
+
+        return read_done(self.launch, spec.run_id)
+
+    def _progress(self, epoch: int, phase: str) -> None:
+        if self.lane.rank == 0:
+            self.queue.report_progress.remote(self.lane.name, self.job.key, self.job.label, epoch, self.job.epochs,
+                                              phase)
+
+    def _timed_eval(self, run_id: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.timings["eval_s"][run_id] = self.timings["eval_s"].get(run_id, 0.0) + time.perf_counter() - t0
+        return out
+
+    def _write(self, spec: RunSpec, epoch: int, rows: list[dict], kind: str = "main") -> None:
+        if self.lane.rank == 0 and rows:
+            write_epoch_records(self.launch.storage, spec.run_id, epoch, rows, self.launch.options, kind=kind)
+
+    # -- the job ---------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        t0 = time.perf_counter()
+        done = {r.run_id: self._run_done(r) for r in self.job.runs}
+        todo = [r for r in self.job.runs if done[r.run_id] is None]
+        if not todo:
+            return [{**d, "skipped": True} for d in done.values()]
+        lane, device = self.lane, self.lane.device
+        ds = lane.dataset(self.job.runs[0].data)
+        task = task_spec(ds)
+        seed_all(self.training.seed)  # same seed on every rank: identical initial parameters
+        trainer = get_method(self.training.method)(task, self.training.hparams, self.training.backbone).to(device)
+        protocols = {r.run_id: get_method(r.method)(task, r.hparams, r.backbone).to(device) for r in todo}
+        evaluators = {r.run_id: Evaluator(ds, r, protocols[r.run_id], lane.rank, lane.world, device, lane.cache)
+                      for r in todo}
+        self._open_tracking(todo)
+        self.timings["setup_s"] = time.perf_counter() - t0
+
+        finished = self.store.read_done()
+        if finished is None:
+            self._train(ds, trainer, todo, protocols, evaluators)
+        epochs = self.job.epochs
+        for spec in todo:  # protocols that missed epochs (added later, or replayed): from the kept weights
+            self._catch_up(spec, protocols[spec.run_id], evaluators[spec.run_id], epochs)
+        self._record_placement(todo)
+        results = [self._finish(spec, protocols[spec.run_id], evaluators[spec.run_id]) for spec in todo]
+        lane.tracker.close(self.training.training_id)
+        lane.tracker.flush()
+        return [*({**d, "skipped": True} for d in done.values() if d is not None), *results]
+
+    def _open_tracking(self, todo: list[RunSpec]) -> None:
+        tracker, t = self.lane.tracker, self.training
+        tracker.open(t.training_id, f"train {t.method} seed {t.seed}", "training",
+                     {**t.hparams, "method": t.method, "seed": t.seed, "backbone": t.backbone, "dataset": t.dataset,
+                      "dataset_checksum": t.dataset_checksum, "split_scheme": t.split_scheme,
+                      "code": f"{t.code['version']}+{t.code['source']}", "training_id": t.training_id,
+                      "workers": self.lane.world, "shared_by": ",".join(r.method for r in self.job.runs)})
+        for spec in todo:
+            from .code_identity import commit
+
+            tracker.open(spec.run_id, f"{spec.method} seed {spec.seed}", "seed",
+                         {**spec.hparams, "method": spec.method, "seed": spec.seed, "backbone": spec.backbone,
+                          "dataset": spec.dataset, "dataset_checksum": spec.dataset_checksum,
+                          "split_scheme": spec.split_scheme, "code": spec.code_label,
+                          "git_commit": commit() or "unknown", "run_id": spec.run_id,
+                          "training_id": t.training_id, "workers": self.lane.world},
+                         parent_key=t.training_id, tags={"platebench.run_id": spec.run_id,
+                                                         "platebench.training_id": t.training_id})
+
+    def _train(self, ds, trainer: Method, todo, protocols, evaluators) -> None:
+        import ray.train
+
+        lane, launch, t = self.lane, self.launch, self.training
+        state = checkpointing.TrainState()
+        resumed = self.store.load_state(lane.device)
+        if resumed is not None:
+            trainer.load_checkpoint_state(resumed[0])
+            state = resumed[1]
+        hp, epochs = t.hparams, self.job.epochs
+        req = trainer.data_request()
+        stream = PlateStream(ds, StreamConfig(
+            scheme=t.split_scheme, split="train", batch_size=req.batch_size, train=True, plate_pure=req.plate_pure,
+            plates_per_step=req.plates_per_step, n_controls=req.n_controls, seed=t.seed, augment=hp["augment"],
+            read_cpus=launch.read_cpus), lane.rank, lane.world, lane.cache)
+        fault = faults.parse(launch.fault)
+        for epoch in range(state.epoch, epochs):
+            self._progress(epoch + 1, "training")
+            t0 = time.perf_counter()
+            seed_all(t.seed * 7919 + lane.rank * 104729 + epoch)  # per-rank noise, reproducible after resume
+            trainer.train()
+            steps = stream.steps(epoch)
+            trainer.on_epoch_start(epoch, epochs, steps)
+            sums: dict[str, float] = {}
+            for i, batch in enumerate(stream.epoch(epoch)):
+                faults.maybe_fail(fault, launch.storage, launch.options, t.training_id, epoch, i, lane.rank)
+                trainer.set_lr_factor(lr_factor(epoch, i, steps, epochs, hp["warmup_epochs"], hp["schedule"]))
+                batch = [b.to(lane.device) for b in batch] if isinstance(batch, list) else batch.to(lane.device)
+                for k, v in trainer.training_step(batch).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            trainer.sync_buffers()
+            train_seconds = time.perf_counter() - t0
+            self.timings["train_s"] += train_seconds
+            weights = trainer.state_dict()
+            if lane.rank == 0:
+                self.store.save_weights(epoch + 1, weights)
+            self._progress(epoch + 1, "validation")
+            vals = {}
+            for spec in todo:
+                rows = self._validate(spec, protocols[spec.run_id], evaluators[spec.run_id], weights, epoch + 1)
+                vals[spec.run_id] = main_value(rows, evaluators[spec.run_id].scheme.selection_split)
+            train_metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
+            state.epoch = epoch + 1
+            state.history.append({"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds,
+                                  **train_metrics})
+            if lane.rank == 0:
+                lane.tracker.log_metrics(t.training_id, {"train/seconds": train_seconds,
+                                                         **{f"train/{k[6:]}": v for k, v in train_metrics.items()}},
+                                         epoch + 1, "train")
+                self.store.save_state(trainer.checkpoint_state(), state)
+            first = vals.get(todo[0].run_id)
+            ray.train.report({"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds,
+                              "val_accuracy": first if first is not None else float("nan"), **train_metrics})
+        self.timings["epochs"] = epochs
+        if lane.rank == 0:
+            self.store.write_done({"training": t.to_dict(), "epochs": epochs, "history": state.history,
+                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+    def _validate(self, spec: RunSpec, method: Method, evaluator: Evaluator, weights: dict, epoch: int) -> list[dict]:
+        method.load_state_dict(weights)
+        rows = self._timed_eval(spec.run_id, evaluator.main, method, epoch, evaluator.val_splits)
+        self._write(spec, epoch, rows)
+        if self.lane.rank == 0:
+            self.lane.tracker.log_metrics(spec.run_id, epoch_metrics(rows), epoch, "val")
+        return rows
+
+    def _recorded_epochs(self, spec: RunSpec) -> set[int]:
+        from platebench.datasets.storage import filesystem, join
+
+        fs, root = filesystem(self.launch.storage, self.launch.options)
+        files = fs.glob(join(root, "records", spec.run_id, "epoch-?????.parquet"))
+        return {int(f.rsplit("-", 1)[1][:5]) for f in files}
+
+    def _catch_up(self, spec: RunSpec, method: Method, evaluator: Evaluator, epochs: int) -> None:
+        from platebench.methods.distributed import all_gather_objects
+
+        missing = sorted(set(range(1, epochs + 1)) - self._recorded_epochs(spec)) if self.lane.rank == 0 else None
+        for epoch in all_gather_objects([missing])[0]:
+            self._progress(epoch, f"validation of {spec.method} from kept weights")
+            self._validate(spec, method, evaluator, self.store.load_weights(epoch, self.lane.device), epoch)
+
+    def _record_placement(self, todo: list[RunSpec]) -> None:
+        """Which node each rank ran on (runs/<run_id>/placement.json), for multi-node checks and debugging."""
+        import ray
+        from platebench.methods.distributed import all_gather_objects
+
+        from .runner import write_run_file
+
+        everyone = all_gather_objects([{"rank": self.lane.rank, "node_id": ray.get_runtime_context().get_node_id()}])
+        self.placement = sorted(everyone, key=lambda r: r["rank"])
+        if self.lane.rank == 0:
+            for spec in todo:
+                write_run_file(self.launch, spec.run_id, "placement.json", self.placement)
+
+    def _selection(self, spec: RunSpec, epochs: int) -> dict:
+        """From `spec`'s validation records: the epochs a leaderboard rule can choose, the best-validation
+        epoch (None without a validation split) and the last epoch's validation accuracy."""
+        from platebench.methods.distributed import all_gather_objects
+
+        out = None
+        if self.lane.rank == 0:
+            rows = read_records(self.launch.storage, self.launch.options, run_ids=[spec.run_id]).to_pylist()
+            chosen, best, val = set(), None, None
+            for rule in LEADERBOARD_RULES:
+                try:
+                    sel = select_epoch(rows, rule)
+                except HarnessError:  # e.g. a scheme without a validation split: only "last-epoch" applies
+                    continue
+                chosen.add(sel.epoch)
+                if rule == "val":
+                    best = sel.epoch
+                    val = main_value([r for r in rows if r["epoch"] == epochs], sel.split)
+            out = {"chosen": sorted(chosen or {epochs}), "best": best, "last_val": val}
+        return all_gather_objects([out])[0]
+
+    def _finish(self, spec: RunSpec, method: Method, evaluator: Evaluator) -> dict:
+        from .code_identity import commit
+        from .runner import write_run_done
+
+        lane, epochs = self.lane, self.job.epochs
+        selection = self._selection(spec, epochs)
+        chosen, best = selection["chosen"], selection["best"]
+        self._progress(epochs, f"test splits of {spec.method}")
+        for epoch in chosen:
+            method.load_state_dict(self.store.load_weights(epoch, lane.device))
+            rows = self._timed_eval(spec.run_id, evaluator.main, method, epoch, evaluator.test_splits)
+            self._write(spec, epoch, rows, kind="tests")
+            if lane.rank == 0:
+                lane.tracker.log_metrics(spec.run_id, epoch_metrics(rows), epoch, "tests")
+            if epoch == best and evaluator.track == "tta":
+                self._progress(epochs, f"TTA sweeps of {spec.method}")
+                self._write(spec, epoch, self._timed_eval(spec.run_id, evaluator.sweeps, method, epoch), "sweeps")
+        result = {}
+        if lane.rank == 0:
+            lane.tracker.log_text(spec.run_id, "config.json", _json(spec.to_dict()))
+            lane.tracker.log_text(spec.run_id, "selected.json", _json({"selectable_epochs": chosen,
+                                                                      "best_val_epoch": best}))
+            lane.tracker.close(spec.run_id)
+            lane.tracker.flush()
+            result = write_run_done(self.launch, spec, {
+                "training_id": self.training.training_id, "shared_with": [r.method for r in self.job.runs],
+                "selected_epoch": best, "selectable_epochs": chosen, "git_commit": commit(),
+                "final_metrics": {"epoch": epochs, "val_accuracy": selection["last_val"]},
+                "timings": {"setup_s": self.timings["setup_s"], "training_s": self.timings["train_s"],
+                            "evaluation_s": self.timings["eval_s"].get(spec.run_id, 0.0),
+                            "trained_epochs": self.timings["epochs"], "lane": lane.name},
+                "placement": self.placement, "mlflow_gaps": list(lane.tracker.gaps.get(spec.run_id, [])),
+                "mlflow_run_id": lane.tracker.run_ids.get(spec.run_id)})
+        return result
 
 
-def _finish_tracking(tracker: RunTracker, spec: RunSpec, state: checkpointing.TrainState) -> None:
+def _json(obj) -> str:
     import json
 
-    with tempfile.TemporaryDirectory() as d:
-        cfg = os.path.join(d, "config.json")
-        with open(cfg, "w") as f:
-            json.dump(spec.to_dict(), f, indent=1, default=list)
-        sel = os.path.join(d, "selected.json")
-        with open(sel, "w") as f:
-            json.dump({"selected_epoch": state.best_epoch, "val_accuracy": state.best_val,
-                       "history": state.history}, f, indent=1)
-        tracker.log_artifact(cfg)
-        tracker.log_artifact(sel)
-        plot = _plot_history(state.history, d)
-        if plot:
-            tracker.log_artifact(plot)
-    tracker.finish()
-
-
-def _plot_history(history: list[dict], directory: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation accuracy")
-    if any("train_loss" in h for h in history):
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("train_loss", float("nan")) for h in history], color="grey", label="train loss")
-        ax2.set_ylabel("train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = os.path.join(directory, "curves.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return json.dumps(obj, indent=1, default=list)

@@ -52,6 +52,8 @@ class AdaBN(BatchStatsMethod):
 
     needs = Needs(plate_pure=False)
     defaults = {"adapt": "batch"}
+    trains_as = "erm"
+    predict_hparams = frozenset({"adapt"})
     summary = "ERM training; BN statistics of the (plate-pure) test batch at prediction time."
 
     def data_request(self) -> DataRequest:

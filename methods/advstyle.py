@@ -1,22 +1,41 @@
 """AdvStyle / ASA (Zhang et al., arXiv 2301.12643; methods-research §3.8): adversarially learned style noise.
 
-Layers after the stages in `layers` perturb instance statistics with per-channel scales θ that are
-learned *adversarially*: each training step first runs `inner_steps` adversary steps (network
-frozen: no parameter gets a gradient and BatchNorm uses batch statistics without touching its
-running buffers), each an optimiser step on θ through a gradient-reversal layer — descent on the
-reversed gradient is ascent on the cross-entropy. Then one outer step updates the network with the
-layers active (each forward picks identity / adversarial / DSU noise uniformly) and θ frozen.
+Reference: paper "Adversarial Style Augmentation for Domain Generalization"; code
+github.com/YBZh/AdvStyle (layer `Dassl.pytorch/dassl/modeling/ops/advstyle.py`, trainer
+`imcls/trainers/vanilla2_advstyle.py`). Layers after the stages in `layers` perturb instance statistics;
+each training forward picks, per layer, identity / adversarial / DSU noise uniformly (`AdvStyleLayer`).
+The adversarial branch scales the noise with per-channel θ learned *adversarially*: each training step
+first runs `inner_steps` adversary steps, each an optimiser step on θ through a gradient-reversal layer
+(descent on the reversed gradient is ascent on the cross-entropy), then one outer step updates the
+network. As in the reference trainer, the inner steps draw each layer's branch at random like any training
+forward, and BatchNorm stays in train mode (batch statistics, running buffers updated) during them; the
+network's weights are not changed by them. Instance statistics use the unbiased variance over (h, w).
+tests/test_reference_style.py checks the layer (each branch: output, input gradient, θ gradient) and the
+inner step against the reference equations.
 
-Choices of ours, where the official code does not settle them for this harness: the inner steps
-always use the adversarial branch (θ gets no gradient through the other two) and draw fresh noise
-per inner step; the adversary optimiser has the main optimiser's type, lr and weight decay (as in
-the official trainer) and follows the same lr schedule.
+Deliberate options (not the default), the project's earlier behaviour:
+* `inner_branch="adv"`: every layer is on the adversarial branch during the inner steps (θ of every layer
+  gets a gradient at every inner step; the reference picks the branch at random).
+* `freeze_bn_in_inner=True`: BatchNorm uses batch statistics without touching its running buffers during
+  the inner steps, so they leave every network weight and buffer bit-identical.
+
+Declared differences: (1) θ is initialised by one extra no-grad forward on the first step with every layer
+on the adversarial branch (BatchNorm on batch statistics, buffers untouched), so that every rank reaches
+θ's all-reduce together; the reference sets each layer's θ at that layer's first adversarial forward.
+(2) A θ whose layer took another branch in an inner step has no gradient and is not stepped, as torch ≥ 2
+runs the reference trainer (its `zero_grad` drops gradients); under torch 1.x its zeroed gradient would
+still step θ by momentum and weight decay, as happens here on several ranks, where the gradient all-reduce
+gives every θ a gradient (zero where no rank used it). (3) The network's parameters get no gradient in the inner
+steps (the reference computes and discards one). The adversary optimiser has the main optimiser's type,
+lr and weight decay (as in the official trainer) and follows the same lr schedule.
 
 `AdvStyleTTA` ("advstyle+tta", track "tta") trains identically and predicts with each test batch's
 own BatchNorm statistics (AdaBN on the plate-pure evaluation batch), running buffers untouched.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -28,6 +47,8 @@ from .erm import ERM
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
+INNER_BRANCHES = ("random", "adv")
+
 
 @register("advstyle")
 class AdvStyle(ERM):
@@ -38,15 +59,25 @@ class AdvStyle(ERM):
         "inner_steps": 3,  # adversary steps per training step
         "layers": "stem,res1,res2,res3,res4",  # the official `lc01234` placement
         "eps": 1e-6,
+        "inner_branch": "random",  # random (reference: each layer picks its branch) | adv (always adversarial)
+        "freeze_bn_in_inner": False,  # True: inner steps leave BN running buffers untouched (reference: updated)
     }
     summary = "Instance-style noise whose scales are learned adversarially through gradient reversal."
 
     def build(self) -> None:
         super().build()
         hp = self.hparams
-        if hp["inner_steps"] < 0 or hp["adv_weight"] < 0:
-            raise MethodError(f"method {self.name!r}: inner_steps and adv_weight must be >= 0, "
-                              f"got {hp['inner_steps']} and {hp['adv_weight']}")
+        if hp["inner_steps"] < 0:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'inner_steps' must be >= 0, "
+                              f"got {hp['inner_steps']}")
+        if hp["adv_weight"] < 0:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'adv_weight' must be >= 0, "
+                              f"got {hp['adv_weight']}")
+        if not hp["eps"] > 0:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'eps' must be > 0, got {hp['eps']}")
+        if hp["inner_branch"] not in INNER_BRANCHES:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'inner_branch' must be one of "
+                              f"{INNER_BRANCHES}, got {hp['inner_branch']!r}")
         featurizer = self.network.featurizer
         channels = insertion_channels(featurizer, self.task.channels)
         points = parse_insertion_points(self.name, hp["layers"])
@@ -65,19 +96,30 @@ class AdvStyle(ERM):
         return [self.make_optimizer(self.network_parameters()), self.make_optimizer(self.adversary_parameters())]
 
     def adversary_step(self, batch: Batch) -> float:
-        """One ascent step on θ (network weights and BN buffers untouched); returns the CE before it."""
+        """One ascent step on θ (network weights untouched); returns the CE before it.
+
+        BN buffers are updated as by any train-mode forward unless `freeze_bn_in_inner`.
+        """
+        hp = self.hparams
         mask = queries_with_labels(batch)
-        with pinned(self.style_layers, branch="adv"), frozen_parameters(self.network_parameters()), \
-                bn.batch_stats(self.network):
+        branch = {"branch": "adv"} if hp["inner_branch"] == "adv" else {}
+        bn_context = bn.batch_stats(self.network) if hp["freeze_bn_in_inner"] else contextlib.nullcontext()
+        optimizer = self.optimizers[1]
+        with pinned(self.style_layers, **branch), frozen_parameters(self.network_parameters()), bn_context:
             loss = masked_cross_entropy(self.network(batch.images), batch.labels, mask)
-            self.optimizer_step(self.optimizers[1], loss)
+            optimizer.zero_grad(set_to_none=True)
+            # With random branches no layer may be adversarial: then nothing has a gradient. The step (and its
+            # all-reduce) still runs, so every rank takes part in it whatever its branches.
+            if loss.requires_grad:
+                loss.backward()
+            self.optimizer_step(optimizer, None)
         return float(loss.detach())
 
     def _initialize_theta(self, batch: Batch) -> None:
         """Set θ of every layer on the first step, on every rank at once (θ's init averages over ranks).
 
-        Only needed with inner_steps=0; otherwise the first adversary step does it. Left to the
-        random branch choice, ranks would reach the init's all-reduce at different steps.
+        Left to the random branch choice (as in the reference), ranks would reach the init's all-reduce at
+        different steps. An extra forward, so BN uses batch statistics and leaves its buffers alone.
         """
         if all(bool(layer.initialized) for layer in self.style_layers):
             return
@@ -102,6 +144,7 @@ class AdvStyle(ERM):
 @register("advstyle+tta")
 class AdvStyleTTA(AdvStyle):
     track = "tta"
+    trains_as = "advstyle"
     summary = "AdvStyle training; predicts with the test batch's own BatchNorm statistics (AdaBN)."
 
     def predict(self, batch: Batch) -> torch.Tensor:

@@ -205,6 +205,13 @@ class Method(nn.Module):
     needs: ClassVar[Needs] = Needs()
     defaults: ClassVar[dict[str, Any]] = {}
     summary: ClassVar[str] = ""
+    # Shared trainings: a method whose training is exactly another registered method's and which differs
+    # only in how it predicts names that method here (AdaBN trains as ERM). `predict_hparams` are the
+    # hyperparameters that change prediction only; the rest must be hyperparameters of `trains_as`.
+    # The harness then trains once and evaluates both from the same checkpoints; the contract kit checks
+    # the claim (identical weights after a few steps from the same seed).
+    trains_as: ClassVar[str | None] = None
+    predict_hparams: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, task: TaskSpec, hparams: Mapping[str, Any] | None = None, backbone: str = "resnet-tiny"):
         super().__init__()
@@ -212,6 +219,7 @@ class Method(nn.Module):
             raise MethodError(f"method {self.name!r}: track must be one of {TRACKS}")
         self.task = task
         self.backbone_spec = backbone
+        self.epoch, self.total_epochs, self.steps_per_epoch = 0, 0, 0  # set by on_epoch_start
         self.hparams = resolve_hparams(type(self), hparams)
         self.build()
         self._optimizers = self.configure_optimizers()
@@ -281,9 +289,10 @@ class Method(nn.Module):
         """Average floating-point buffers (BN running statistics) across ranks."""
         distributed.allreduce_buffers(self)
 
-    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
-        """Called by the harness before each training epoch (schedules such as DANN's λ)."""
-        self.epoch, self.total_epochs = epoch, total_epochs
+    def on_epoch_start(self, epoch: int, total_epochs: int, steps_per_epoch: int = 0) -> None:
+        """Called by the harness before each training epoch with the epoch's exact number of optimiser steps
+        (0 when unknown), for schedules such as DANN's λ."""
+        self.epoch, self.total_epochs, self.steps_per_epoch = epoch, total_epochs, steps_per_epoch
 
     def extra_state(self) -> dict[str, Any]:
         """Non-tensor state to checkpoint (override with `load_extra_state`)."""
@@ -303,13 +312,19 @@ class Method(nn.Module):
         self.load_extra_state(state.get("extra", {}))
 
     @classmethod
+    def training_hparams(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The resolved hyperparameters that shape training (everything but `predict_hparams`)."""
+        return {k: v for k, v in hparams.items() if k not in cls.predict_hparams}
+
+    @classmethod
     def all_defaults(cls) -> dict[str, Any]:
         return {**COMMON_DEFAULTS, **cls.defaults}
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
         return {"name": cls.name, "track": cls.track, "needs": cls.needs.describe(),
-                "summary": cls.summary, "hparams": cls.all_defaults()}
+                "summary": cls.summary, "hparams": cls.all_defaults(), "trains_as": cls.trains_as,
+                "predict_hparams": sorted(cls.predict_hparams)}
 
 
 def queries_with_labels(batch: Batch) -> torch.Tensor:

@@ -9,9 +9,24 @@ with their pooled statistics (running buffers unused), query logits returned.
 
 Defaults differ from the paper for CPU runs: n_controls = eval_n_controls = 32 (paper 128),
 batch_size L = 32 (paper 64), plates_per_step 4 (paper 8); constant learning rate as in the paper.
-`stats_from="controls"` is the repo's controls-only ablation ("BEN" trainer there): statistics of
-the control rows, applied to the queries. The paper body was not retrievable; the method is taken
-from the official code (methods-research §3.5).
+The paper body was not retrievable; the method is taken from the official code (github ml-jku/cs-arm-bn,
+read at commit e091e7e8b70c9bfcb458c2ae5568dab7cc80b586; methods-research §3.5).
+
+`stats_from` picks the statistics (all options apply to training and prediction alike):
+
+* "queries+controls" (default): CS-ARM-BN, the code's ARM_BN trainer with controls in the loader.
+* "controls": the code's controls-only ablation, plt/trainer/BEN.py, exactly: BN running buffers reset,
+  one train-mode forward of the controls without gradient at the layers' momentum 0.1 (so the buffers
+  hold 0.1·μ_C and 0.9 + 0.1·σ²_C, unbiased), then the queries normalised with those buffers in eval
+  mode: no gradient through the statistics. (The module's own buffers are restored afterwards; the
+  reference overwrites them, but never reads them before refilling.)
+* "controls-batch-stats": this project's former "controls" mode, not in the code: every row
+  normalised with the exact (biased) batch statistics of the control rows at every layer, gradients
+  flowing through them.
+
+Tested equal to independent implementations of the equations (tests/test_reference_domain.py): for
+"queries+controls" and "controls", the query logits and the gradients of the query loss w.r.t. the input
+images and every parameter; "controls-batch-stats" is tested as the former mode and shown to differ.
 """
 
 from __future__ import annotations
@@ -20,15 +35,18 @@ import torch
 
 from .adabn import BatchStatsMethod
 from .base import Batch, DataRequest, MethodError, Needs, as_list, queries_with_labels
-from .blocks.bn import batch_stats, rows_stats
+from .blocks.bn import batch_stats, rows_stats, running_stats_from
 from .blocks.plate_steps import accumulate_per_plate, require_controls, require_plate_pure
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
-# Which rows of a context batch give the BN statistics.
+BEN_MOMENTUM = 0.1  # the BN momentum of the official code's ResNet (torch's default), used by its BEN trainer
+
+# Which rows of a context batch give the BN statistics, and how (see the module docstring).
 STATS_CONTEXTS = {
     "queries+controls": lambda net, batch: batch_stats(net),
-    "controls": lambda net, batch: rows_stats(net, batch.is_control),
+    "controls": lambda net, batch: running_stats_from(net, batch.images[batch.is_control], BEN_MOMENTUM),
+    "controls-batch-stats": lambda net, batch: rows_stats(net, batch.is_control),
 }
 
 
@@ -37,18 +55,20 @@ class CSARMBN(BatchStatsMethod):
     needs = Needs(plate_pure=True, controls=True, multi_plate=True)
     defaults = {"batch_size": 32, "n_controls": 32, "eval_n_controls": 32, "plates_per_step": 4,
                 "stats_from": "queries+controls", "schedule": "constant"}
+    predict_hparams = frozenset({"eval_n_controls"})
     summary = "ARM-BN with the plate's negative controls in every context: BN statistics over queries ∪ controls."
 
     def build(self) -> None:
         hp = self.hparams
         if hp["stats_from"] not in STATS_CONTEXTS:
-            raise MethodError(f"method {self.name!r}: stats_from must be one of {sorted(STATS_CONTEXTS)}, "
-                              f"got {hp['stats_from']!r}")
-        needs_controls = hp["stats_from"] == "controls"  # statistics from nothing would be undefined
+            raise MethodError(f"method {self.name!r}: hyperparameter 'stats_from' must be one of "
+                              f"{sorted(STATS_CONTEXTS)}, got {hp['stats_from']!r}")
+        needs_controls = hp["stats_from"] != "queries+controls"  # statistics from nothing would be undefined
         minimums = {"plates_per_step": 1, "n_controls": int(needs_controls), "eval_n_controls": int(needs_controls)}
         for key, minimum in minimums.items():
             if hp[key] < minimum:
-                raise MethodError(f"method {self.name!r}: {key} must be >= {minimum}, got {hp[key]}")
+                raise MethodError(f"method {self.name!r}: hyperparameter {key!r} must be >= {minimum} "
+                                  f"(stats_from={hp['stats_from']!r}), got {hp[key]!r}")
         super().build()
 
     def data_request(self) -> DataRequest:

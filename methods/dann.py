@@ -1,13 +1,30 @@
-"""DANN — domain-adversarial training (Ganin et al. 2016; methods-research §3.10).
+"""DANN — domain-adversarial training (Ganin et al. 2016, JMLR 17, "Domain-adversarial training of neural networks").
 
 A discriminator D predicts each row's domain (`domain_kind`: an entry of Batch.domains, default
 "batch" = RxRx1 experiment / JUMP Metadata_Batch) from the features through a gradient-reversal
 layer: L = CE(h(z), y) + w·CE(D(GRL_λ(z)), d). D minimises its loss while the featurizer, receiving
-the reversed gradient, makes domains indistinguishable. λ follows Ganin's schedule
-λ_p = 2/(1 + exp(−10p)) − 1 over training progress p (or stays 1 with grl_schedule="constant").
-Trained on mixed-plate batches (plate-pure batches would show D one domain per batch). Test: D is
-dropped; prediction is ERM's (standard track). Not the transductive variant of the JUMP repo
-(no unlabelled test images are fed).
+the reversed gradient −λ·w·∂CE_d/∂z, makes domains indistinguishable. Trained on mixed-plate batches
+(plate-pure batches would show D one domain per batch). Test: D is dropped; prediction is ERM's
+(standard track). Not the transductive variant of the JUMP repo (no unlabelled test images are fed).
+The discriminator's shape, w = 0.5 and its 0.1× learning rate follow the JUMP repo (github
+ml-jku/cs-arm-bn, config/trainer/dann.yaml, model/gradrev.yaml; methods-research §3.10).
+
+λ schedule (`grl_schedule`). Default "ganin": the paper's λ_p = 2/(1 + exp(−10p)) − 1 over training
+progress p ∈ [0, 1], as in the authors' reference loop (github fungtion/DANN train/main.py: at update i
+of epoch e, p = (i + e·S)/(E·S) with S updates per epoch and E epochs, so λ = 0 at the very first
+update and rises from the second). The paper is this method's reference, hence the default.
+"constant": λ = 1 throughout, as WILDS (examples/algorithms/DANN.py) and the JUMP repo use. Both are
+scaled by `grl_max`.
+
+Progress here: p = min((e + k/S)/E, 1) before each update, with epoch e of E and S updates per epoch from
+`on_epoch_start(epoch, total_epochs, steps_per_epoch)` (the harness knows S exactly from the plan of the
+epoch) and k the updates already made in epoch e, as in the reference loop. Without those numbers (a
+bare training loop that never calls on_epoch_start) p = 0.
+
+Tested equal to independent implementations of the equations (tests/test_reference_domain.py): λ at
+every update against the fungtion/DANN formula, the loss, and the input gradient
+−λ·w·∂CE_d/∂x + ∂CE/∂x. Deliberate options: `grl_schedule="constant"` (WILDS / JUMP repo),
+`grl_max` ≠ 1 (scales λ; 1 in every reference).
 """
 
 from __future__ import annotations
@@ -63,12 +80,18 @@ class DANN(ERM):
         if hp["grl_schedule"] not in SCHEDULES:
             raise MethodError(f"method {self.name!r}: hyperparameter 'grl_schedule' must be one of {SCHEDULES}, "
                               f"got {hp['grl_schedule']!r}")
-        if hp["penalty_weight"] < 0 or hp["disc_lr_mult"] <= 0 or hp["disc_hidden"] < 1:
-            raise MethodError(f"method {self.name!r}: needs penalty_weight >= 0, disc_lr_mult > 0, disc_hidden >= 1")
+        checks = {"penalty_weight": hp["penalty_weight"] >= 0, "disc_lr_mult": hp["disc_lr_mult"] > 0,
+                  "disc_hidden": hp["disc_hidden"] >= 1, "disc_dropout": 0 <= hp["disc_dropout"] < 1,
+                  "grl_max": hp["grl_max"] >= 0}
+        rules = {"penalty_weight": ">= 0", "disc_lr_mult": "> 0", "disc_hidden": ">= 1", "disc_dropout": "in [0, 1)",
+                 "grl_max": ">= 0"}
+        for key, ok in checks.items():
+            if not ok:
+                raise MethodError(f"method {self.name!r}: hyperparameter {key!r} must be {rules[key]}, got {hp[key]!r}")
         self.discriminator = discriminator(self.network.featurizer.out_dim, hp["disc_hidden"],
                                            self.task.num_domains[kind], hp["disc_dropout"])
         self.grl = GradientReversal(0.0)
-        self._epoch, self._total_epochs, self._steps_in_epoch, self._steps_per_epoch = 0, 0, 0, 0
+        self._steps_in_epoch = 0  # k: updates made in the current epoch
         self._update_coeff()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -82,34 +105,19 @@ class DANN(ERM):
 
     # ---- λ_p schedule ----------------------------------------------------------------------------
     def progress(self) -> float:
-        if self._total_epochs <= 0:
+        """p = min((e + min(k/S, 1)) / E, 1) before the coming update; 0 while E or S is unknown."""
+        if self.total_epochs <= 0 or self.steps_per_epoch <= 0:
             return 0.0
-        within = min(self._steps_in_epoch / self._steps_per_epoch, 1.0) if self._steps_per_epoch else 0.0
-        return min((self._epoch + within) / self._total_epochs, 1.0)
+        return min((self.epoch + min(self._steps_in_epoch / self.steps_per_epoch, 1.0)) / self.total_epochs, 1.0)
 
     def _update_coeff(self) -> None:
         hp = self.hparams
         value = ganin_lambda(self.progress()) if hp["grl_schedule"] == "ganin" else 1.0
         self.grl.coeff = hp["grl_max"] * value
 
-    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
-        super().on_epoch_start(epoch, total_epochs)
-        if epoch > self._epoch and self._steps_in_epoch:  # a resumed epoch must not count as a short one
-            self._steps_per_epoch = self._steps_in_epoch
-        if epoch != self._epoch:
-            self._steps_in_epoch = 0
-        self._epoch, self._total_epochs = epoch, total_epochs
-        self._update_coeff()
-
-    def extra_state(self) -> dict:
-        return {"epoch": self._epoch, "total_epochs": self._total_epochs, "steps_in_epoch": self._steps_in_epoch,
-                "steps_per_epoch": self._steps_per_epoch}
-
-    def load_extra_state(self, state: dict) -> None:
-        self._epoch = state.get("epoch", 0)
-        self._total_epochs = state.get("total_epochs", 0)
-        self._steps_in_epoch = state.get("steps_in_epoch", 0)
-        self._steps_per_epoch = state.get("steps_per_epoch", 0)
+    def on_epoch_start(self, epoch: int, total_epochs: int, steps_per_epoch: int = 0) -> None:
+        super().on_epoch_start(epoch, total_epochs, steps_per_epoch)
+        self._steps_in_epoch = 0  # the harness always runs (or, after a failure, replays) an epoch from its start
         self._update_coeff()
 
     # ---- training --------------------------------------------------------------------------------

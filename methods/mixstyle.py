@@ -1,10 +1,19 @@
 """MixStyle (Zhou et al., ICLR 2021; methods-research §3.6): mix instance feature statistics across plates.
 
-Training: each step receives `plates_per_step` plate-pure batches, concatenated into one forward so
-that styles mix *across* plates (with one plate per batch MixStyle would only mix within a plate).
-After each backbone stage in `layers`, with probability `p`, every sample's detached channel
-mean/std is replaced by a Beta(α, α) mix of its own and a partner's. Test: the layers are the
-identity and prediction is ERM's (standard track).
+Reference: paper "Domain Generalization with MixStyle"; code github.com/KaiyangZhou/mixstyle-release
+(`MixStyle`). After each backbone stage in `layers`, with probability `p`, every sample's detached channel
+mean/std (unbiased variance over (h, w), as in the reference) is replaced by a Beta(α, α) mix of its own
+and a partner's. mix="random": partners are a random permutation of the step's rows. mix="crossdomain":
+the reference's two-domain pairing, every row paired one-to-one with a row of the other domain (see
+`MixStyleLayer`); here the two domains are the first and the second half of the step's plates, so
+`plates_per_step` must be even (with the default 2, each domain is one plate). tests/test_reference_style.py
+checks outputs, input gradients and the cross-domain pairing against the reference equations. Test time:
+the layers are the identity and prediction is ERM's (standard track).
+
+Harness choice: each step receives `plates_per_step` plate-pure batches, concatenated into one forward so
+that styles mix *across* plates (with one plate per batch MixStyle would only mix within a plate). When a
+plate's last batch is shorter the halves differ in size, which the reference does not handle; partners
+then still come from the other half, reused as evenly as possible.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ class MixStyle(ERM):
         "p": 0.5,  # probability that a layer mixes on a given forward
         "alpha": 0.1,  # Beta(α, α) for the mixing weight λ
         "layers": "res1,res2,res3",  # insertion points (comma-separated)
-        "mix": "random",  # random | crossdomain (partner drawn from another plate of the step)
+        "mix": "random",  # random | crossdomain (first half of the step's plates paired with the second half)
         "eps": 1e-6,
         "plates_per_step": 2,
     }
@@ -33,13 +42,20 @@ class MixStyle(ERM):
     def build(self) -> None:
         super().build()
         hp = self.hparams
-        check_plates_per_step(self)
-        if not 0.0 <= hp["p"] <= 1.0 or hp["alpha"] <= 0:
-            raise MethodError(f"method {self.name!r}: needs 0 <= p <= 1 and alpha > 0, "
-                              f"got p={hp['p']}, alpha={hp['alpha']}")
+        n_plates = check_plates_per_step(self)
+        if not 0.0 <= hp["p"] <= 1.0:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'p' must be in [0, 1], got {hp['p']}")
+        if not hp["alpha"] > 0:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'alpha' must be > 0, got {hp['alpha']}")
+        if not hp["eps"] > 0:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'eps' must be > 0, got {hp['eps']}")
         if hp["mix"] not in MixStyleLayer.MIXES:
             raise MethodError(f"method {self.name!r}: hyperparameter 'mix' must be one of {MixStyleLayer.MIXES}, "
                               f"got {hp['mix']!r}")
+        if hp["mix"] == "crossdomain" and n_plates % 2:
+            raise MethodError(f"method {self.name!r}: hyperparameter 'plates_per_step' must be even with "
+                              f"mix='crossdomain' (its two domains are the two halves of the step's plates), "
+                              f"got {n_plates}")
         points = parse_insertion_points(self.name, hp["layers"])
         self.style_layers = [MixStyleLayer(hp["p"], hp["alpha"], hp["eps"], hp["mix"]) for _ in points]
         for point, layer in zip(points, self.style_layers):

@@ -12,8 +12,9 @@ AssertionErrors that say what was expected.
 
 Checks (CHECKS): declarations, loss_decreases, predict_shape, track (standard: a prediction does not
 depend on the rest of its batch; tta: it does, and never on the running statistics of trained BN
-layers), checkpoint (checkpoint_state round trip), ddp (2 CPU ranks, gloo, different data, identical
-parameters after the steps). Only torch is needed; the DDP check forks ranks from a forkserver,
+layers), checkpoint (checkpoint_state round trip), shared_training (a method declaring `trains_as` ends a
+few steps with the weights of that method), ddp (2 CPU ranks, gloo, different data, identical parameters
+after the steps). Only torch is needed; the DDP check forks ranks from a forkserver,
 so a plain script calling it needs the usual `if __name__ == "__main__":` guard (pytest does not).
 """
 
@@ -221,6 +222,31 @@ def check_checkpoint(cls: type[Method], hparams=None, backbone: str = "resnet-ti
     _assert_close(want, got, f"{cls.name}: predictions differ after the checkpoint round trip")
 
 
+def check_shared_training(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 3) -> None:
+    """A method that declares `trains_as` trains exactly as that method: from the same seed and batches, a few
+    steps leave identical parameters and buffers (so the harness may train once and evaluate both)."""
+    if cls.trains_as is None:
+        assert not (set(cls.predict_hparams) - set(cls.all_defaults())), \
+            f"{cls.name}: predict_hparams {sorted(cls.predict_hparams)} are not all hyperparameters of the method"
+        return
+    from .registry import get_method
+
+    base = get_method(cls.trains_as)
+    assert base.trains_as is None, f"{cls.name}: trains_as {base.name!r}, which itself trains as {base.trains_as!r}"
+    mine = build(cls, hparams, backbone, seed=0)
+    training = cls.training_hparams(mine.hparams)
+    unknown = set(training) - set(base.all_defaults())
+    assert not unknown, (f"{cls.name}: hyperparameters {sorted(unknown)} are not {base.name!r}'s; declare them in "
+                         f"predict_hparams if they only change prediction")
+    theirs = build(base, training, backbone, seed=0)
+    for method in (mine, theirs):
+        torch.manual_seed(11)  # the same noise draws (style layers, dropout) in both trainings
+        _train(method, steps, seed=11)
+    for (key, a), (_, b) in zip(sorted(mine.state_dict().items()), sorted(theirs.state_dict().items())):
+        assert torch.equal(a, b), (f"{cls.name} declares trains_as={base.name!r}, but {key!r} differs after "
+                                   f"{steps} steps from the same seed and batches")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -279,9 +305,9 @@ def _single_threaded(check: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint = (
-    _single_threaded(c) for c in (check_declarations, check_loss_decreases, check_predict_shape, check_track,
-                                  check_checkpoint))
+(check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint,
+ check_shared_training) = (_single_threaded(c) for c in (check_declarations, check_loss_decreases, check_predict_shape,
+                                                         check_track, check_checkpoint, check_shared_training))
 
 CHECKS: dict[str, Callable[..., None]] = {
     "declarations": check_declarations,
@@ -289,6 +315,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "predict_shape": check_predict_shape,
     "track": check_track,
     "checkpoint": check_checkpoint,
+    "shared_training": check_shared_training,
     "ddp": check_ddp,
 }
 
@@ -302,5 +329,6 @@ def check_method(cls: type[Method], hparams: Mapping[str, Any] | None = None, ba
 
 
 __all__ = ["ATOL", "CHECKS", "KIT_HPARAMS", "TASK", "build", "check_checkpoint", "check_ddp", "check_declarations",
-           "check_loss_decreases", "check_method", "check_predict_shape", "check_track", "eval_batch", "mixed_batch",
+           "check_loss_decreases", "check_method", "check_predict_shape", "check_shared_training", "check_track",
+           "eval_batch", "mixed_batch",
            "synthetic_batch", "training_batches"]

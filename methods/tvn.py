@@ -64,6 +64,7 @@ class TVN(Method):
     needs = Needs(plate_pure=True, controls=True)
     defaults = {"encoder_checkpoint": "", "n_controls": 32, "eval_n_controls": 32, "ridge": 0.5,
                 "max_fit_controls": 16384}
+    predict_hparams = frozenset({"eval_n_controls"})
     summary = "Frozen encoder; per-plate TVN of embeddings on the plate's controls; linear head."
 
     def build(self) -> None:
@@ -114,8 +115,8 @@ class TVN(Method):
             getattr(self, name).copy_(value)
         self.fits_done += 1
 
-    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
-        super().on_epoch_start(epoch, total_epochs)
+    def on_epoch_start(self, epoch: int, total_epochs: int, steps_per_epoch: int = 0) -> None:
+        super().on_epoch_start(epoch, total_epochs, steps_per_epoch)
         self._refit_pending = True
 
     def _remember_controls(self, controls: torch.Tensor) -> None:

@@ -173,11 +173,16 @@ def test_mixstyle_no_gradient_flows_through_the_statistics(fmap):
 
 def test_mixstyle_crossdomain_partners_come_from_another_group(fmap):
     layer = MixStyleLayer(p=1.0, mix="crossdomain").train()
-    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    groups = torch.tensor([0, 0, 1, 2, 2, 3])  # two domains: groups {0, 1} (rows 0-2) and {2, 3} (rows 3-5)
     layer.set_groups(groups)
     for _ in range(20):
         partner = layer._partner(6, fmap.device)
         assert bool((groups[partner] != groups).all())
+        assert bool(((partner >= 3) != (torch.arange(6) >= 3)).all())  # from the other half
+        assert torch.equal(partner.sort().values, torch.arange(6))  # one-to-one: a permutation
+    layer.set_groups(torch.tensor([0, 0, 0, 1, 1, 2]))  # three groups cannot be split into two domains
+    with pytest.raises(ValueError, match="even number"):
+        layer(fmap)
     layer.set_groups(None)
     with pytest.raises(ValueError, match="set_groups"):
         layer(fmap)
@@ -209,7 +214,7 @@ def test_advstyle_initialises_theta_to_dsu_spread_and_reverses_its_gradient(fmap
     layer.pin(branch="adv", eps_mu=eps_mu, eps_sigma=eps_sigma)
     weights = torch.randn_like(fmap)
     (layer(fmap) * weights).sum().backward()
-    mu, sigma = instance_stats(fmap, 1e-6)
+    mu, sigma = instance_stats(fmap, 1e-6, unbiased=True)  # the reference's unbiased variance over (h, w)
     assert torch.allclose(layer.theta_mu.detach(), batch_spread(mu, 1e-6).flatten())
     assert bool(layer.initialized)
     # Reference gradient of the same loss without reversal, θ as a plain leaf.

@@ -95,6 +95,25 @@ class ForgetsHeadInCheckpoint(ERM):
         self.load_state_dict(state["model"], strict=False)
 
 
+class ClaimsErmTrainingButScalesLoss(AdaBN):
+    """Declares that it trains as ERM (inherited from AdaBN) but doubles its loss."""
+
+    name = "kit-false-shared-training"
+
+    def training_step(self, batches):
+        batch = Batch.concat(as_list(batches))
+        loss = 2 * masked_cross_entropy(self.network(batch.images), batch.labels, queries_with_labels(batch))
+        self.optimizer_step(self.optimizers[0], loss)
+        return {"loss": float(loss)}
+
+
+class PredictHparamThatTrains(ERM):
+    """Keeps a training hyperparameter out of the training identity by calling it predict-only."""
+
+    name = "kit-predict-hparam-unknown"
+    predict_hparams = frozenset({"no_such_hparam"})
+
+
 @pytest.mark.parametrize("cls,check,message", [
     (StandardButBatchStats, "track", "standard track.*changed with the rest of its batch"),
     (TtaButRunningStats, "track", r"tta track.*(does not depend on its batch|depends on BN running statistics)"),
@@ -103,6 +122,8 @@ class ForgetsHeadInCheckpoint(ERM):
     (ControlsUndeclared, "declarations", "asks for controls but needs.controls is False"),
     (PredictsControls, "predict_shape", r"predict gave \(9, 3\), expected \(5, 3\)"),
     (ForgetsHeadInCheckpoint, "checkpoint", "'network.classifier.weight' differs"),
+    (ClaimsErmTrainingButScalesLoss, "shared_training", "declares trains_as='erm', but 'network.*' differs"),
+    (PredictHparamThatTrains, "shared_training", r"predict_hparams \['no_such_hparam'\] are not all"),
 ])
 def test_kit_rejects_broken_methods(cls, check, message):
     with pytest.raises(AssertionError, match=message):

@@ -21,6 +21,7 @@ from platebench.methods.blocks.bn import (
     frozen_bn_buffers,
     randomize_running_stats,
     rows_stats,
+    running_stats_from,
 )
 from platebench.methods.cs_arm_bn import CSARMBN
 from platebench.methods.network import Network
@@ -133,6 +134,26 @@ def test_frozen_bn_buffers_restores_after_train_mode_updates():
     with frozen_bn_buffers(net):
         net(_images(4, 7))
         assert not torch.equal(net.featurizer.bn1.running_mean, before["featurizer.bn1.running_mean"])
+    for key, value in _buffers(net).items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_running_stats_from_fills_buffers_from_the_given_rows_and_restores_everything():
+    net, x, q = _net(), _images(7, 5), _images(3, 6)
+    bn = net.featurizer.bn1
+    bn.momentum = 0.3
+    before, modes = _buffers(net), [m.training for m in net.modules()]
+    seen = {}
+    handle = bn.register_forward_pre_hook(lambda m, i: seen.setdefault("x", i[0].detach()))
+    with running_stats_from(net, x, momentum=None):  # momentum None: exact statistics of x
+        handle.remove()
+        assert not net.training and not bn.training and bn.momentum is None
+        first = seen["x"]
+        assert torch.allclose(bn.running_mean, first.mean((0, 2, 3)), atol=1e-5)
+        assert torch.allclose(bn.running_var, first.var((0, 2, 3), unbiased=True), atol=1e-4)
+        together = net(torch.cat([q, x]))[:3]
+        assert torch.allclose(net(q), together, atol=1e-5)  # eval mode: rows do not interact
+    assert bn.momentum == 0.3 and [m.training for m in net.modules()] == modes
     for key, value in _buffers(net).items():
         assert torch.equal(value, before[key]), key
 
@@ -306,8 +327,9 @@ def test_cs_arm_bn_controls_damp_label_shift_in_the_context():
     assert deltas["with"] < deltas["without"], deltas
 
 
-def test_cs_arm_bn_controls_only_statistics_make_queries_independent():
-    method = build(CSARMBN, {"stats_from": "controls"}).eval()
+@pytest.mark.parametrize("stats_from", ["controls", "controls-batch-stats"])
+def test_cs_arm_bn_controls_only_statistics_make_queries_independent(stats_from):
+    method = build(CSARMBN, {"stats_from": stats_from}).eval()
     g = torch.Generator().manual_seed(22)
     a = eval_batch(method, 0, 6, g)
     b = copy.copy(a)

@@ -74,21 +74,30 @@ def test_groupdro_shifts_weight_to_the_higher_loss_group_and_q_stays_a_distribut
     logits, labels, groups = _group_logits()
     losses = [float(F.cross_entropy(logits[groups == g], labels[groups == g])) for g in (0, 1)]
     loss = method.robust_loss(logits, labels, groups)
-    q = torch.tensor([math.exp(0.1 * losses[0]), math.exp(0.1 * losses[1]), 1.0]) / 3
+    q = torch.tensor([math.exp(0.1 * losses[0]), math.exp(0.1 * losses[1]), 0.0])  # group 2 never seen: weight 0
     q = q / q.sum()
     assert torch.allclose(method.q, q, atol=1e-6)
     assert float(loss) == pytest.approx(float(q[0] * losses[0] + q[1] * losses[1]), rel=1e-5)
     for _ in range(5):
         method.robust_loss(logits, labels, groups)
         assert float(method.q.sum()) == pytest.approx(1.0, abs=1e-6)
-    assert method.q[0] > 1 / 3 > method.q[1]
+    assert method.q[0] > 1 / 2 > method.q[1] and method.q[2] == 0
 
 
-def test_groupdro_with_zero_step_keeps_uniform_q_and_absent_groups_add_nothing():
+def test_groupdro_with_zero_step_keeps_uniform_q_over_seen_groups_and_absent_groups_add_nothing():
     method = _make("groupdro", step_size=0.0)
     logits, labels, groups = _group_logits()
     loss = method.robust_loss(logits, labels, groups)
-    assert torch.equal(method.q, torch.full((3,), 1 / 3))
+    assert torch.equal(method.q, torch.tensor([0.5, 0.5, 0.0]))
+    per_group = sum(float(F.cross_entropy(logits[groups == g], labels[groups == g])) for g in (0, 1))
+    assert float(loss) == pytest.approx(per_group / 2, rel=1e-6)
+
+
+def test_groupdro_q_groups_all_keeps_the_former_uniform_q_over_every_id():
+    method = _make("groupdro", step_size=0.0, q_groups="all")
+    logits, labels, groups = _group_logits()
+    loss = method.robust_loss(logits, labels, groups)
+    assert torch.allclose(method.q, torch.full((3,), 1 / 3))
     per_group = sum(float(F.cross_entropy(logits[groups == g], labels[groups == g])) for g in (0, 1))
     assert float(loss) == pytest.approx(per_group / 3, rel=1e-6)
 
@@ -102,6 +111,10 @@ def test_groupdro_errors_name_the_problem():
         _make("groupdro", task=TaskSpec(num_classes=4, channels=5, num_domains={"plate": 6}))
     with pytest.raises(MethodError, match="'lab'"):
         _make("groupdro", domain_kind="lab")
+    with pytest.raises(MethodError, match=r"'q_groups'.*'train'"):
+        _make("groupdro", q_groups="train")
+    with pytest.raises(MethodError, match=r"'step_size'.*-0.1"):
+        _make("groupdro", step_size=-0.1)
 
 
 # ---- IRM -------------------------------------------------------------------------------------------------
@@ -176,21 +189,18 @@ def test_dann_discriminator_gradient_is_not_reversed():
     assert any(p.grad.abs().sum() > 0 for p in dann.discriminator.parameters())
 
 
-def test_dann_ganin_schedule_follows_progress_and_survives_resume():
+def test_dann_ganin_schedule_follows_progress():
     assert ganin_lambda(0.0) == 0.0 and ganin_lambda(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
     dann = _make("dann", grl_max=1.0)
-    dann.on_epoch_start(0, 4)
+    dann.on_epoch_start(0, 4, 3)
     assert dann.grl.coeff == 0.0
     for i in range(3):
         dann.training_step(plate_batch(i))
-    dann.on_epoch_start(1, 4)
+    dann.on_epoch_start(1, 4, 3)
     assert dann.grl.coeff == pytest.approx(ganin_lambda(0.25))
     dann.training_step(plate_batch(3))
     dann._update_coeff()
     assert dann.grl.coeff == pytest.approx(ganin_lambda((1 + 1 / 3) / 4))
-    resumed = _make("dann")
-    resumed.load_checkpoint_state(dann.checkpoint_state())
-    assert resumed.grl.coeff == pytest.approx(dann.grl.coeff)
     lrs = [g["lr"] for g in dann.optimizers[0].param_groups]
     assert lrs == pytest.approx([1e-3, 1e-4])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -50,15 +51,29 @@ def test_style_methods_reject_bad_hyperparameters():
         _make("mixstyle", plates_per_step=0)
     with pytest.raises(MethodError, match="unknown hyperparameter 'alpah'"):
         _make("mixstyle", alpah=0.2)
+    with pytest.raises(MethodError, match="'plates_per_step'.*got 3"):
+        _make("mixstyle", mix="crossdomain", plates_per_step=3)
+    with pytest.raises(MethodError, match="'inner_branch'.*'sometimes'"):
+        _make("advstyle", inner_branch="sometimes")
+    with pytest.raises(MethodError, match="'freeze_bn_in_inner'.*'maybe'"):
+        _make("advstyle", freeze_bn_in_inner="maybe")
+    with pytest.raises(MethodError, match="'detach_spread'.*'perhaps'"):
+        _make("dsu", detach_spread="perhaps")
+    for name in ("dsu", "mixstyle", "advstyle"):
+        with pytest.raises(MethodError, match="'eps'.*-1"):
+            _make(name, eps=-1.0)
+    with pytest.raises(MethodError, match="'alpha'.*got 0.0"):
+        _make("mixstyle", alpha=0.0)
 
 
 def test_mixstyle_crossdomain_sees_the_plate_of_every_row_during_the_step():
-    method = _make("mixstyle", mix="crossdomain", p=1.0, plates_per_step=3, batch_size=12)
+    # crossdomain pairs the first half of the step's plates with the second half, so plates_per_step is even
+    method = _make("mixstyle", mix="crossdomain", p=1.0, plates_per_step=4, batch_size=12)
     seen = []
     method.style_layers[0].register_forward_pre_hook(lambda m, args: seen.append(m.groups.clone()))
     method.train()
-    method.training_step(plates(0, 3, 5, n=4))
-    assert torch.equal(seen[0], torch.tensor([0] * 4 + [1] * 4 + [2] * 4))
+    method.training_step(plates(0, 3, 5, 1, n=4))
+    assert torch.equal(seen[0], torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4))
     assert method.style_layers[0].groups is None
 
 
@@ -71,8 +86,10 @@ def _adv_loss(method, batch, noise):
         return float(masked_cross_entropy(method.network(batch.images), batch.labels, batch.labels >= 0))
 
 
-def test_advstyle_inner_step_increases_the_loss_and_leaves_the_network_bit_identical():
-    method = _make("advstyle", lr=1e-3, adv_weight=1.0)
+@pytest.mark.parametrize("hp", [{}, {"freeze_bn_in_inner": True}, {"inner_branch": "adv"}],
+                         ids=["default", "freeze_bn_in_inner", "inner_branch_adv"])
+def test_advstyle_inner_step_increases_the_loss_and_leaves_the_network_weights_bit_identical(hp):
+    method = _make("advstyle", lr=1e-3, adv_weight=1.0, **hp)
     method.train()
     batch = Batch.concat(plates(0, 1))
     channels = [16, 16, 32, 64, 128]
@@ -80,11 +97,21 @@ def test_advstyle_inner_step_increases_the_loss_and_leaves_the_network_bit_ident
     noise = [(torch.randn(16, c, 1, 1, generator=g), torch.randn(16, c, 1, 1, generator=g)) for c in channels]
     before_loss = _adv_loss(method, batch, noise)  # also initialises θ
     theta_before = [layer.theta_mu.detach().clone() for layer in method.style_layers]
-    frozen = network_state(method.network)
-    frozen = {k: v for k, v in frozen.items() if "theta" not in k}
-    assert method.adversary_step(batch) == pytest.approx(before_loss, rel=1e-5)
+    frozen = {k: v for k, v in network_state(method.network).items() if "theta" not in k}
+    # The default (reference) inner step picks each layer's branch at random: pin the adversarial one here to
+    # compare losses; inner_branch="adv" pins it itself.
+    forced = contextlib.nullcontext() if hp.get("inner_branch") == "adv" else pinned(method.style_layers, branch="adv")
+    with forced:
+        assert method.adversary_step(batch) == pytest.approx(before_loss, rel=1e-5)
     after = {k: v for k, v in network_state(method.network).items() if "theta" not in k}
-    assert bit_identical(frozen, after)
+    weights = {k for k, _ in method.network.named_parameters() if "theta" not in k}
+    assert bit_identical({k: frozen[k] for k in weights}, {k: after[k] for k in weights})
+    running = [k for k in frozen if "running_" in k]
+    if hp.get("freeze_bn_in_inner"):
+        assert bit_identical(frozen, after)  # the option: every BN buffer bit-identical too
+    else:
+        # the reference keeps BN in train mode during the inner steps: running statistics move
+        assert running and all(not torch.equal(frozen[k], after[k]) for k in running)
     assert _adv_loss(method, batch, noise) > before_loss
     assert all(not torch.equal(t, layer.theta_mu) for t, layer in zip(theta_before, method.style_layers))
 

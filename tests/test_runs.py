@@ -25,15 +25,25 @@ def _record_files(out) -> dict[str, float]:
 
 
 def _assert_complete(out, epochs):
+    """Validation at every epoch; the test splits exactly at the epochs a selection rule can choose (the best
+    validation epoch, the earliest of ties, and the last); no duplicates."""
+    import json
+
     t = read_records(str(out)).to_pandas()
     main_rows = t[t.protocol == "main"]
-    assert sorted(main_rows.epoch.unique()) == list(range(1, epochs + 1))
-    assert set(main_rows.split) == {"val", "id_test", "test"}
     key = ["run_id", "epoch", "split", "domain_kind", "domain", "metric", "protocol", "eval_batch_size", "n_controls"]
     assert not main_rows.duplicated(key).any()
     assert set(main_rows.domain_kind) == {"all", "plate", "batch", "source", "cell_type"}
     overall = main_rows[(main_rows.domain_kind == "all") & (main_rows.metric == "accuracy")]
-    assert overall.value.between(0, 1).all() and len(overall) == 3 * epochs
+    assert overall.value.between(0, 1).all()
+    for run_id, rows in overall.groupby("run_id"):
+        val = rows[rows.split == "val"].set_index("epoch").value
+        assert sorted(val.index) == list(range(1, epochs + 1))
+        best = int(val[val == val.max()].index.min())
+        for split in ("id_test", "test"):
+            assert set(rows[rows.split == split].epoch) == {best, epochs}
+        done = json.loads(Path(out, "runs", run_id, "done.json").read_text())
+        assert done["selected_epoch"] == best and set(done["selectable_epochs"]) == {best, epochs}
     return t
 
 
@@ -49,10 +59,13 @@ def test_run_writes_complete_records_and_mlflow_and_is_never_trained_twice(small
     client = mlflow.tracking.MlflowClient(f"sqlite:///{out}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parent = [r for r in runs if r.data.tags.get("platebench.kind") == "parent"]
+    training = [r for r in runs if r.data.tags.get("platebench.kind") == "training"]
     child = [r for r in runs if r.data.tags.get("platebench.run_id") == run_id]
-    assert len(parent) == 1 and len(child) == 1
-    assert child[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
-    assert {"lr", "epochs", "dataset_checksum", "harness_version", "seed"} <= set(child[0].data.params)
+    assert len(parent) == 1 and len(training) == 1 and len(child) == 1
+    assert child[0].data.tags["mlflow.parentRunId"] == training[0].info.run_id
+    assert training[0].data.tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert "train/loss" in training[0].data.metrics
+    assert {"lr", "epochs", "dataset_checksum", "code", "seed", "training_id"} <= set(child[0].data.params)
     assert "test/accuracy" in child[0].data.metrics and "val/accuracy/batch:b2" in child[0].data.metrics
     assert {a.path for a in client.list_artifacts(child[0].info.run_id)} >= {"config.json", "selected.json"}
 
@@ -71,6 +84,7 @@ def test_interrupted_run_continues_from_its_checkpoint(small_ds, tmp_path, capsy
     assert rc == 2 and "INJECTED FAULT" in capsys.readouterr().err
     first = _record_files(out)
     assert list(first) == ["epoch-00001.parquet"]
+    assert not list(Path(out, "runs").glob("*/done.json"))
     assert _run(small_ds, out, "--no-mlflow", epochs=3) == 0  # the same command again
     after = _record_files(out)
     assert after["epoch-00001.parquet"] == first["epoch-00001.parquet"]  # epoch 1 was not trained again

@@ -26,7 +26,7 @@ def row(run_id="r0", epoch=1, split="val", role="val", kind="all", domain="all",
     return dict(run_id=run_id, dataset="synth", dataset_checksum="abc", split_scheme="official", method=method,
                 track=track, seed=seed, hparams=hparams, epoch=epoch, split=split, split_role=role,
                 domain_kind=kind, domain=domain, eval_batch_size=ebs, n_controls=nc, protocol=protocol,
-                metric=metric, value=value, n=100, harness_version="0.1.0")
+                metric=metric, value=value, n=100, code="0.1.0+test")
 
 
 def run_rows(run_id="r0", offset=0.0, **kw):

@@ -50,25 +50,53 @@ def test_wilcoxon_null_when_all_differences_zero():
     assert stats.wilcoxon_pvalue([], []) is None
 
 
-def test_bootstrap_matches_scipy_with_same_seed():
+def test_paired_t_interval_is_the_t_tests_own_and_matches_the_formula():
     diffs = np.array(METHOD) - np.array(BASE)
-    ref = sps.bootstrap((diffs,), np.mean, n_resamples=2000, method="percentile", confidence_level=0.95,
-                        rng=np.random.default_rng(7)).confidence_interval
-    lo, hi = stats.bootstrap_ci(diffs, n_resamples=2000, seed=7)
-    assert (lo, hi) == (pytest.approx(ref.low, abs=1e-15), pytest.approx(ref.high, abs=1e-15))
-    assert min(diffs) <= lo <= np.mean(diffs) <= hi <= max(diffs)
-    assert stats.bootstrap_ci(diffs) == stats.bootstrap_ci(diffs)  # seeded: reproducible
+    lo, hi = stats.paired_t_ci(METHOD, BASE)
+    half = sps.t.ppf(0.975, len(diffs) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+    assert (lo, hi) == (pytest.approx(diffs.mean() - half), pytest.approx(diffs.mean() + half))
+    # it agrees with the test next to it: excludes 0 exactly when p < 0.05
+    p = stats.paired_t_pvalue(METHOD, BASE)
+    assert (lo > 0 or hi < 0) == (p < 0.05)
 
 
-def test_bootstrap_small_and_degenerate():
-    assert stats.bootstrap_ci([0.1]) is None
-    assert stats.bootstrap_ci([0.02, 0.02, 0.02]) == (pytest.approx(0.02), pytest.approx(0.02))
+def test_paired_t_interval_small_and_degenerate():
+    assert stats.paired_t_ci([0.1], [0.0]) is None
+    assert stats.paired_t_ci([0.12, 0.13, 0.14], [0.1, 0.11, 0.12]) == (pytest.approx(0.02), pytest.approx(0.02))
+
+
+def _coverage(interval, n: int, reps: int = 4000) -> float:
+    """Share of `reps` simulated seed sets (true paired difference 0, normal seed-to-seed noise) whose
+    interval covers 0."""
+    rng = np.random.default_rng(1000 + n)
+    covered = 0
+    for _ in range(reps):
+        base = rng.normal(0.6, 0.05, n)
+        lo, hi = interval(base + rng.normal(0, 0.03, n), base)
+        covered += lo <= 0 <= hi
+    return covered / reps
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_interval_keeps_its_level_at_small_seed_counts(n):
+    assert _coverage(stats.paired_t_ci, n) >= 0.93
+
+
+def test_the_percentile_bootstrap_it_replaces_does_not():
+    """The same simulation catches the interval the leaderboard used before: at n = 3 a percentile bootstrap
+    never leaves [min, max] of the three differences."""
+    def bootstrap(method, base):
+        res = sps.bootstrap((np.subtract(method, base),), np.mean, n_resamples=999, method="percentile",
+                            rng=np.random.default_rng(0))
+        return res.confidence_interval.low, res.confidence_interval.high
+
+    assert _coverage(bootstrap, 3, reps=1000) < 0.85
 
 
 def test_compare_paired_uses_seed_intersection():
     method = {0: 0.30, 1: 0.32, 2: 0.35}
     base = {0: 0.28, 1: 0.31, 3: 0.40}
-    c = stats.compare_paired(method, base, n_resamples=500)
+    c = stats.compare_paired(method, base)
     assert c.seeds == (0, 1) and c.n_paired == 2 and c.same_seeds is False
     assert c.diff_mean == pytest.approx(0.015)
     assert c.p_paired_t == pytest.approx(sps.ttest_rel([0.30, 0.32], [0.28, 0.31]).pvalue)

@@ -59,7 +59,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     for d in done:
         run_id = d.parent.name
         files = sorted(p.name for p in (d.parents[2] / "records" / run_id).iterdir())
-        assert files == ["epoch-00001.parquet"]
+        assert files == ["epoch-00001.parquet", "epoch-00001.tests.parquet"]
 
     import mlflow
 
@@ -96,7 +96,7 @@ def test_selection_reads_validation_only(tmp_path):
                              "hparams": spec.hparams_json, "epoch": epoch, "split": split, "split_role": role,
                              "domain_kind": "all", "domain": "all", "eval_batch_size": 64, "n_controls": 0,
                              "protocol": "main", "metric": "accuracy", "value": value, "n": 10,
-                             "harness_version": spec.harness_version})
+                             "code": spec.code_label})
             write_epoch_records(sweep.trial_storage(launch, experiment), spec.run_id, epoch, rows)
     best = sweep.select_best(cfg, launch, experiment, trials)
     assert best["run_id"] == trials[0]["run_id"] and best["value"] == 0.7 and best["epoch"] == 2

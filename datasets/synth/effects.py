@@ -77,8 +77,21 @@ assert {p.control for p in PARAMS.values()} <= {f.name for f in fields(Effects)}
 
 
 def level_draws(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Standard-normal draws for one domain (a source, a batch or a plate), one vector per parameter."""
-    return {name: rng.standard_normal(p.dims) for name, p in PARAMS.items()}
+    """Draws for one domain (a source, a batch or a plate), one vector per parameter. Each multi-channel
+    parameter (morphology drift, gain, gamma, ...) and the group of scalar ones (blur, noise, density, ...)
+    is a random direction with the norm √D that a D-dimensional standard normal has on average: single
+    coordinates stay close to N(0, 1), but the size of each kind of shift is the preset's whatever the
+    seed, and only its direction is drawn. (With independent standard normals the ID → new-batches gap of
+    two data seeds differed three-fold: a benchmark's difficulty was luck.)"""
+    z = {name: rng.standard_normal(p.dims) for name, p in PARAMS.items()}
+    scalars = [name for name, p in PARAMS.items() if p.dims == 1]
+    groups = [[name] for name, p in PARAMS.items() if p.dims > 1] + [scalars]
+    for group in groups:
+        flat = np.concatenate([z[name] for name in group])
+        scale = np.sqrt(flat.size) / max(float(np.linalg.norm(flat)), 1e-12)
+        for name in group:
+            z[name] = z[name] * scale
+    return z
 
 
 def resolve(effects: Effects, draws: dict[str, dict[str, np.ndarray]]) -> dict[str, list[float]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 def add_parser(sub):
     from platebench.harness.session import add_launch_flags
 
-    p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 3 seeds on quickstart) and "
+    p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 5 seeds on quickstart) and "
                                      "write its leaderboard",
                        description="Generate the dataset if absent, train every (method, seed) of the suite as "
                                    "concurrent Ray Train runs, then write the leaderboard. Interrupt and re-run to "
@@ -51,6 +51,7 @@ def _apply_flags(suite, args) -> None:
 
 
 def run(args) -> int:
+    import json
     import time
     from pathlib import Path
 
@@ -80,8 +81,8 @@ def run(args) -> int:
     launch = session.launch_from_args(args, mlflow)
     print(f"bench {suite.name}: {len(suite.methods)} methods x {len(suite.seeds)} seeds = {len(specs)} runs on "
           f"{url} ({suite.split_scheme}); {session.max_concurrent(args)} at once", flush=True)
-    progress = session.Progress(len(specs), launch)
-    results = run_many(specs, launch, session.max_concurrent(args), progress.event)
+    progress = session.Progress(len(specs))
+    results, lanes = run_many(specs, launch, session.max_concurrent(args), progress.event)
     records = read_records(launch.storage, launch.options, run_ids=[s.run_id for s in specs])
     files: list[str] = []
     if len(records):
@@ -99,7 +100,11 @@ def run(args) -> int:
         end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
                    status="FAILED" if any("error" in r for r in results) else "FINISHED",
                    artifacts=[f for f in files if f.endswith((".md", ".json", ".html", ".png", ".csv"))])
-    print(f"bench {suite.name}: {sum('error' not in r for r in results)}/{len(specs)} runs complete in "
-          f"{(time.time() - t0) / 60:.1f} min; leaderboard in {out}/leaderboard.md", flush=True)
+    split = bench.time_split(results, lanes, time.time() - t0)
+    (out / "bench-time.json").write_text(json.dumps(split, indent=1))
+    trained = len({r["training_id"] for r in results if "training_id" in r and not r.get("skipped")})
+    print(f"bench {suite.name}: {sum('error' not in r for r in results)}/{len(specs)} runs complete "
+          f"({trained} trainings run now) in {split['wall_s'] / 60:.1f} min; {bench.describe_split(split)}; "
+          f"leaderboard in {out}/leaderboard.md", flush=True)
     require_runs_ok(results)
     return 0

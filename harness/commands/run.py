@@ -7,7 +7,7 @@ def add_parser(sub):
     from platebench.harness.session import add_launch_flags
 
     p = sub.add_parser("run", help="train one method for some seeds (Ray Train, DDP), evaluate every epoch",
-                       description="Train METHOD on the dataset's split scheme, one Ray Train run per seed. Runs "
+                       description="Train METHOD on the dataset's split scheme for each seed, in Ray Train lanes. Runs "
                                    "are content-addressed: the same command resumes an interrupted run and skips "
                                    "finished ones.")
     p.add_argument("--data", required=True, help="dataset root (dir or s3://)")
@@ -40,8 +40,8 @@ def run(args) -> int:
                                            "split_scheme": args.split_scheme, **specs[0].hparams})
     launch = session.launch_from_args(args, mlflow)
     session.start_ray(args)
-    progress = session.Progress(len(specs), launch)
-    results = run_many(specs, launch, session.max_concurrent(args), progress.event)
+    progress = session.Progress(len(specs))
+    results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
     if mlflow:
         from platebench.harness.tracking import end_parent
 

@@ -79,8 +79,8 @@ def run(args) -> int:
     results = []
     if args.final_seeds:
         specs = build_specs(ds, args.split_scheme, args.method, best["hparams"], args.final_seeds, args.backbone)
-        progress = session.Progress(len(specs), launch)
-        results = run_many(specs, launch, session.max_concurrent(args), progress.event)
+        progress = session.Progress(len(specs))
+        results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
         print(f"final seeds {args.final_seeds}: records in {launch.storage}/records; "
               f"platebench leaderboard --records {launch.storage} --out DIR")
     if mlflow:

@@ -7,6 +7,9 @@ buffers). The BN-statistics methods need finer control, given here as small comp
   never touches its running buffers (test-time "train-mode forward" of AdaBN/ARM-BN/CS-ARM-BN).
 * `rows_stats(module, rows)` — statistics computed on a subset of rows (e.g. the controls), applied to
   every row.
+* `running_stats_from(module, x)` — running buffers reset and filled by one train-mode forward of `x`
+  (momentum 0.1 by default), then every row normalised with those buffers in eval mode (the CS-ARM-BN
+  code's controls-only "BEN" trainer).
 * `forward_per_group(model, x, groups)` — each group of rows (one plate / one ARM chunk) is forwarded
   separately, so its rows are normalised with that group's statistics only.
 * `adapt_to_domain(model, chunks)` — AdaBN's full-domain variant: running buffers := the exact
@@ -87,6 +90,40 @@ def rows_stats(module: nn.Module, rows: torch.Tensor) -> Iterator[None]:
             del m.forward
             if previous is not None:
                 m.forward = previous
+
+
+@contextlib.contextmanager
+def running_stats_from(module: nn.Module, x: torch.Tensor, momentum: float | None = 0.1) -> Iterator[None]:
+    """Inside: `module` in eval mode, each BN layer's running buffers filled from `x` as below; restored on exit.
+
+    Fill: every BN layer's buffers reset (mean 0, var 1), then one train-mode forward of `x` without
+    gradient with BN momentum `momentum`, so running_mean = m·μ_x and running_var = (1 − m) + m·σ²_x
+    (σ² unbiased; deeper layers see inputs normalised with x's batch statistics), or exactly μ_x and σ²_x
+    with momentum None. The forwards inside then normalise every row with these buffers: no gradient
+    flows through the statistics and the rows are independent. The module's own buffers, momenta and
+    train/eval modes are restored on exit.
+    """
+    layers = [m for m in bn_layers(module) if m.track_running_stats and m.running_mean is not None]
+    modes = [(m, m.training) for m in module.modules()]
+    saved = [(m.momentum, m.running_mean, m.running_var, m.num_batches_tracked) for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                # Fresh tensors, not an in-place reset: a backward after exit still needs the filled
+                # statistics, and the module's own buffers come back untouched.
+                m.running_mean = torch.zeros_like(m.running_mean)
+                m.running_var = torch.ones_like(m.running_var)
+                m.num_batches_tracked = torch.zeros_like(m.num_batches_tracked)
+                m.momentum = momentum
+            module.train()
+            module(x)
+        module.eval()
+        yield
+    finally:
+        for m, (value, mean, var, count) in zip(layers, saved):
+            m.momentum, m.running_mean, m.running_var, m.num_batches_tracked = value, mean, var, count
+        for m, mode in modes:
+            m.training = mode
 
 
 def groups_from_sizes(sizes: Iterable[int], device=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CutMix inside one (plate-pure) batch, with soft targets (Yun et al. 2019; ABRA's recipe, §3.9).
+"""CutMix inside one (plate-pure) batch, with soft targets (Yun et al. 2019; in ABRA's recipe, methods/abra.py).
 
 Partners are drawn among the `eligible` rows only (labelled, non-control), so a pasted patch always
 comes from the same plate and carries a class. One box and one λ per batch; λ is recomputed from the

@@ -5,10 +5,12 @@ return their input object unchanged otherwise (an exact identity). Every random 
 λ, permutation, Gaussian noise, AdvStyle's branch) goes through `StyleModule.draw`, so tests can pin
 it (`module.pin(eps_mu=...)`) and inner loops can replay it (`frozen_noise`).
 
-Instance statistics use the biased variance over (h, w) plus ε, as in the BN notation of §1; the
-official MixStyle/DSU code uses torch's default unbiased variance there (differs by h·w/(h·w−1)).
-The spread of the statistics across the batch (DSU's Σ) uses the unbiased variance over the batch,
-as the official DSU code does.
+The three layers follow their official code (tests/test_reference_style.py checks outputs and input
+gradients against the reference equations): instance statistics use the unbiased variance over (h, w)
+plus ε (torch's default `var`, as the official MixStyle, DSU and AdvStyle layers compute it; a 1×1 map,
+where that estimate is undefined and the reference gives NaN, falls back to the biased one), and the
+spread of the statistics across the batch (DSU's Σ) the unbiased variance over the batch.
+`instance_stats` keeps the biased variance as its default for other callers.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ from .grl import grad_reverse
 
 
 # ---- statistics -----------------------------------------------------------------------------
-def instance_stats(fmap: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and √(var + eps) over (h, w); shapes [B, C, 1, 1]."""
-    var, mu = torch.var_mean(fmap, dim=(2, 3), keepdim=True, correction=0)
+def instance_stats(fmap: torch.Tensor, eps: float, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and √(var + eps) over (h, w); shapes [B, C, 1, 1].
+
+    `unbiased=True` divides the variance by h·w − 1 (the style layers' reference convention); a 1×1 map keeps
+    the biased estimate, since the unbiased one would be NaN there.
+    """
+    correction = 1 if unbiased and fmap.shape[2] * fmap.shape[3] > 1 else 0
+    var, mu = torch.var_mean(fmap, dim=(2, 3), keepdim=True, correction=correction)
     return mu, torch.sqrt(var + eps)
 
 
@@ -121,9 +128,16 @@ def _coin(p: float, device) -> Callable[[], bool]:
 class MixStyleLayer(StyleModule):
     """MixStyle (Zhou et al. 2021): mix detached instance statistics of pairs of samples.
 
-    mix="random": partner j = a random permutation of the batch. mix="crossdomain": partner j is
-    drawn uniformly from rows of another group (`set_groups` before the forward; in this harness
-    the groups are the plates of a multi-plate step).
+    Reference: KaiyangZhou/mixstyle-release, `MixStyle`. Per training forward, with probability p:
+    λ ~ Beta(α, α) per sample, μ̃ = λμ_i + (1−λ)μ_j, σ̃ = λσ_i + (1−λ)σ_j with μ, σ detached, out =
+    σ̃·(x − μ)/σ + μ̃. mix="random": j = a random permutation of the batch. mix="crossdomain": the batch
+    holds two domains; every row of one gets a partner from the other, each half's partners being a
+    random permutation of the other half (the reference's reversed halves, each shuffled), so the
+    pairing is a permutation. Here the two domains are the first and second half of the groups given
+    to `set_groups` (a multi-plate step's plate positions 0..k−1, k even): with equal batches per
+    plate these are exactly the reference's row halves. Unequal halves (a plate's last, shorter
+    batch) are a case the reference does not handle: each row of the larger half still gets a
+    partner from the other half, the other half's rows being reused as evenly as possible.
     """
 
     MIXES = ("random", "crossdomain")
@@ -144,17 +158,30 @@ class MixStyleLayer(StyleModule):
         if self.groups is None or self.groups.shape[0] != n:
             raise ValueError("MixStyle mix='crossdomain' needs set_groups(ids) with one id per row before forward")
         groups = self.groups.to(device)
-        other = groups[:, None] != groups[None, :]
-        # argmax of uniform scores restricted to other-group rows = a uniform draw among them
-        partner = torch.rand(n, n, device=device).masked_fill(~other, -1.0).argmax(1)
-        # a row whose group is alone in the batch keeps itself (no mixing for it)
-        return torch.where(other.any(1), partner, torch.arange(n, device=device))
+        k = int(groups.max()) + 1
+        if k % 2:
+            raise ValueError(f"MixStyle mix='crossdomain' splits the groups into two halves (two domains); "
+                             f"got {k} groups, need an even number")
+        second = groups >= k // 2
+        # Each half's candidates (the other half's rows) in reverse row order, shuffled, the first half's drawn
+        # first: the reference's construction, so that a shared seed gives the same pairing.
+        rows = torch.arange(n - 1, -1, -1, device=device)
+        pool_for_first, pool_for_second = rows[second.flip(0)], rows[~second.flip(0)]
+        if pool_for_first.numel() == 0 or pool_for_second.numel() == 0:
+            raise ValueError("MixStyle mix='crossdomain': one of the two halves has no row")
+        partner = torch.empty(n, dtype=torch.long, device=device)
+        partner[~second] = _cycle(pool_for_first[torch.randperm(len(pool_for_first), device=device)],
+                                   int((~second).sum()))
+        partner[second] = _cycle(pool_for_second[torch.randperm(len(pool_for_second), device=device)],
+                                  int(second.sum()))
+        return partner
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         n = fmap.shape[0]
         if not self.training or n < 2 or not self.draw("apply", _coin(self.p, fmap.device)):
             return fmap
-        mu, sigma = (s.detach() for s in instance_stats(fmap, self.eps))  # stop-grad through the statistics
+        # stop-grad through the statistics, as the reference does
+        mu, sigma = (s.detach() for s in instance_stats(fmap, self.eps, unbiased=True))
         beta = torch.distributions.Beta(torch.tensor(self.alpha, device=fmap.device),
                                         torch.tensor(self.alpha, device=fmap.device))
         lam = self.draw("lam", lambda: beta.sample((n, 1, 1, 1)).to(fmap.dtype))
@@ -164,34 +191,53 @@ class MixStyleLayer(StyleModule):
         return restyle(fmap, mu, sigma, mix_mu, mix_sigma)
 
 
-class DSULayer(StyleModule):
-    """DSU (Li et al. 2022): resample instance statistics from N(μ_i, Σ²) with Σ the batch spread."""
+def _cycle(pool: torch.Tensor, k: int) -> torch.Tensor:
+    """k entries of `pool` in order, cycling when k > len(pool) (each entry used as evenly as possible)."""
+    return pool[torch.arange(k, device=pool.device) % len(pool)]
 
-    def __init__(self, p: float = 0.5, eps: float = 1e-6):
+
+class DSULayer(StyleModule):
+    """DSU (Li et al. 2022): resample instance statistics from N(μ_i, Σ²) with Σ the batch spread.
+
+    Reference: lixiaotong97/DSU, `DistributionUncertainty`. With probability p per training forward:
+    μ_i, σ_i = mean and √(unbiased var + ε) over (h, w); Σ_μ, Σ_σ = √(unbiased var over the batch + ε) of
+    μ and σ; β = μ + ε₁Σ_μ, γ = σ + ε₂Σ_σ (ε ~ N(0, I)); out = γ·(x − μ)/σ + β. Nothing is detached:
+    gradients flow through μ, σ and Σ. `detach_spread=True` (not the reference) stops the gradient
+    through Σ only; outputs are unchanged. A batch of one row is returned as is (Σ is undefined).
+    """
+
+    def __init__(self, p: float = 0.5, eps: float = 1e-6, detach_spread: bool = False):
         super().__init__()
-        self.p, self.eps = p, eps
+        self.p, self.eps, self.detach_spread = p, eps, detach_spread
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         if not self.training or fmap.shape[0] < 2 or not self.draw("apply", _coin(self.p, fmap.device)):
             return fmap
-        return dsu_perturb(self, fmap, self.eps)
+        return dsu_perturb(self, fmap, self.eps, self.detach_spread)
 
 
-def dsu_perturb(module: StyleModule, fmap: torch.Tensor, eps: float) -> torch.Tensor:
-    """β_i = μ_i + ε₁Σ_μ, γ_i = σ_i + ε₂Σ_σ; statistics not detached (as in the official code)."""
-    mu, sigma = instance_stats(fmap, eps)
-    new_mu = mu + module.draw("eps_mu", _randn_like(mu)) * batch_spread(mu, eps).detach()
-    new_sigma = sigma + module.draw("eps_sigma", _randn_like(sigma)) * batch_spread(sigma, eps).detach()
+def dsu_perturb(module: StyleModule, fmap: torch.Tensor, eps: float, detach_spread: bool = False) -> torch.Tensor:
+    """β_i = μ_i + ε₁Σ_μ, γ_i = σ_i + ε₂Σ_σ; nothing detached unless `detach_spread` (then Σ only)."""
+    mu, sigma = instance_stats(fmap, eps, unbiased=True)
+    spread_mu, spread_sigma = batch_spread(mu, eps), batch_spread(sigma, eps)
+    if detach_spread:
+        spread_mu, spread_sigma = spread_mu.detach(), spread_sigma.detach()
+    new_mu = mu + module.draw("eps_mu", _randn_like(mu)) * spread_mu
+    new_sigma = sigma + module.draw("eps_sigma", _randn_like(sigma)) * spread_sigma
     return restyle(fmap, mu, sigma, new_mu, new_sigma)
 
 
 class AdvStyleLayer(StyleModule):
     """AdvStyle (Zhang et al. 2023): DSU-like noise with adversarially learned per-channel scales θ.
 
-    Each training forward picks a branch uniformly from BRANCHES (pin `branch` to force one). The
-    "adv" branch uses μ' = μ + ε₁⊙GRL(θ_μ), σ' = σ + ε₂⊙GRL(θ_σ), so an optimiser that descends on the
-    gradient of θ ascends the task loss. θ is set, on the first training forward, to the detached DSU
-    spread of that batch (averaged over ranks so every rank starts equal).
+    Reference: YBZh/AdvStyle, `Dassl.pytorch/dassl/modeling/ops/advstyle.py`. Each training forward
+    picks a branch uniformly from BRANCHES (pin `branch` to force one). "identity" returns the input;
+    "dsu" is DSU's perturbation (Σ not detached, as in the reference's DSU branch); "adv" uses
+    μ' = μ + ε₁⊙GRL(θ_μ), σ' = σ + ε₂⊙GRL(θ_σ), out = σ'·(x − μ)/σ + μ', so an optimiser that descends on
+    the gradient of θ ascends the task loss. Statistics as in DSU (unbiased variance over (h, w) + ε, not
+    detached). θ is set, on the first "adv" forward, to the detached DSU spread Σ of that batch (as the
+    reference does), averaged over ranks so every rank starts equal. The "dsu" branch on a batch of one
+    row returns it as is (the reference would produce NaN).
     """
 
     BRANCHES = ("identity", "adv", "dsu")
@@ -217,7 +263,7 @@ class AdvStyleLayer(StyleModule):
             return fmap
         if branch == "dsu":
             return dsu_perturb(self, fmap, self.eps)
-        mu, sigma = instance_stats(fmap, self.eps)
+        mu, sigma = instance_stats(fmap, self.eps, unbiased=True)
         if not bool(self.initialized):
             self._initialize(mu.detach(), sigma.detach())
         theta_mu = grad_reverse(self.theta_mu, self.adv_weight).view(1, -1, 1, 1)
