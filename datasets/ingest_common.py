@@ -161,13 +161,5 @@ def with_batches(pred: dict, batches: Iterable[str]) -> dict:
     return {"all": [{"column": "batch", "in": sorted(set(batches))}, pred]}
 
 
-def plan_summary(plan: IngestPlan) -> dict:
-    """Small JSON-able description for logs and tests."""
-    return {"adapter": plan.adapter, "name": plan.name, "plates": len(plan.plates),
-            "shape": [len(plan.channels), plan.height, plan.width], "dtype": plan.dtype,
-            "classes": len(plan.classes), "schemes": sorted(plan.split_schemes),
-            "skipped_while_planning": len(plan.skipped)}
-
-
 def scheme(description: str, splits: dict, selection_split: str, rule: str) -> SplitScheme:
     return SplitScheme(description=description, splits=splits, selection_split=selection_split, selection_rule=rule)

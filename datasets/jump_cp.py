@@ -1,4 +1,4 @@
-"""JUMP-CP (cpg0016) -> plate shards under the CS-ARM-BN MoA protocol (methods-research §4.3).
+"""JUMP-CP (cpg0016) -> plate shards under the CS-ARM-BN MoA protocol.
 
 Plan: plates from plate.csv.gz (chosen sources, plate types, minus the CS-ARM-BN excluded batches) ->
 a parallel scan of each plate's load_data -> wells joined to well.csv.gz -> rows kept: the class compounds

@@ -1,6 +1,6 @@
 """JUMP image pipeline: 16-bit channel TIFF -> optional illumination correction -> x1/f nearest downscale ->
 per-channel clip at the top-0.01 % intensity -> 8-bit, as the CS-ARM-BN protocol prepares JUMP images
-(ml-jku/cs-arm-bn preprocess/images/04-download_images_aws.py; methods-research §4.3).
+(ml-jku/cs-arm-bn preprocess/images/04-download_images_aws.py).
 
 Details kept from that script: the clip value is the n-th largest pixel of the downscaled channel,
 n = round(H*W*1e-4); pixels are scaled by 255/clip, values above 255 saturate, and the cast to uint8
@@ -9,7 +9,7 @@ truncates (no rounding). Differences, deliberate: n is at least 1 (their n = 0 f
 [U] their downscale is pyvips `resize(1/2, kernel="nearest")`; which of each 2x2 block's pixels it keeps is
 not verified here — we keep the top-left one (`img[::f, ::f]`, odd sizes round up).
 [U] illumination correction (`--illum`) divides by CellProfiler's `_Illum<Channel>.npy` function
-(datasets-research A6: typical JUMP use, not checked in the pipelines); CS-ARM-BN itself does not apply it.
+(typical JUMP use, not checked in the pipelines); CS-ARM-BN itself does not apply it.
 """
 
 from __future__ import annotations

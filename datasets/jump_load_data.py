@@ -1,7 +1,7 @@
 """JUMP load_data files: where each site's channel images (and illumination functions) are.
 
 `<src>/<source>/workspace/load_data_csv/<batch>/<plate>/` holds `load_data_with_illum.parquet` and/or
-`load_data[_with_illum].csv[.gz]` (datasets-research A7), one row per site. Image locations always come
+`load_data[_with_illum].csv[.gz]`, one row per site. Image locations always come
 from these files, never from a filename template (vendor names differ per microscope). Accepted forms per
 channel C: `URL_OrigC`, `URL_C`, or `PathName_OrigC` + `FileName_OrigC` (PathName with or without a
 trailing slash); illumination: `URL_IllumC` or `PathName_IllumC` + `FileName_IllumC`.

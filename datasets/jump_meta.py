@@ -1,6 +1,6 @@
 """JUMP-CP metadata: plates, wells, compounds (jump-cellpainting/datasets `metadata/`) and MoA annotations.
 
-Tables (datasets-research A8/A9), all read with string columns:
+Tables of the jump-cellpainting/datasets repository, all read with string columns:
   plate.csv.gz     Metadata_Source, Metadata_Batch, Metadata_Plate, Metadata_PlateType
   well.csv.gz      Metadata_Source, Metadata_Plate, Metadata_Well, Metadata_JCP2022
   compound.csv.gz  Metadata_JCP2022, Metadata_InChIKey, ...
@@ -21,7 +21,7 @@ from .errors import DatasetError
 DMSO = "JCP2022_033924"  # compound negative control
 EMPTY = "JCP2022_999999"  # empty well: dropped
 UNKNOWN = "JCP2022_UNKNOWN"  # unknown treatment: dropped
-# The 8 JUMP compound positive controls = the 8 classes of the CS-ARM-BN MoA protocol (methods-research §4.3).
+# The 8 JUMP compound positive controls = the 8 classes of the CS-ARM-BN MoA protocol.
 POSCONS = {
     "JCP2022_012818": "TC-S-7004", "JCP2022_025848": "dexamethasone", "JCP2022_035095": "LY2109761",
     "JCP2022_037716": "AMG900", "JCP2022_046054": "FK-866", "JCP2022_050797": "quinidine",

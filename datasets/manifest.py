@@ -57,7 +57,17 @@ class Part:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> Part:
+        if not isinstance(d, dict):
+            raise DatasetError(f"{where}: expected an object, got {d!r}")
         _exact_keys(d, {"path", "plate", "rows", "controls", "sha256", "bytes"}, where)
+        for key in ("path", "plate", "sha256"):
+            if not isinstance(d[key], str) or not d[key]:
+                raise DatasetError(f"{where}.{key}: expected a non-empty string, got {d[key]!r}")
+        for key in ("rows", "controls", "bytes"):
+            if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 0:
+                raise DatasetError(f"{where}.{key}: expected a non-negative integer, got {d[key]!r}")
+        if d["controls"] > d["rows"]:
+            raise DatasetError(f"{where}.controls: {d['controls']} exceeds the part's rows ({d['rows']})")
         return cls(**d)
 
 
@@ -65,7 +75,7 @@ class Part:
 class SplitScheme:
     description: str
     splits: dict[str, Any]  # split name -> predicate
-    selection_split: str  # the split model selection may read (never a test split)
+    selection_split: str  # the split model selection may read (shares no row with a test split: checked at load)
     selection_rule: str  # e.g. "training-domain-validation" or "official-ood-validation"
 
     def role(self, split: str) -> str:
@@ -77,6 +87,8 @@ class SplitScheme:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> SplitScheme:
+        if not isinstance(d, dict):
+            raise DatasetError(f"{where}: expected an object, got {d!r}")
         _exact_keys(d, {"description", "splits", "selection_split", "selection_rule"}, where)
         if not isinstance(d["splits"], dict) or "train" not in d["splits"]:
             raise DatasetError(f"{where}.splits: must be an object with at least a 'train' split")
@@ -187,6 +199,10 @@ class Manifest:
         for name, typ in extra.items():
             if name in BASE_SCHEMA.names or typ not in EXTRA_TYPES:
                 raise DatasetError(f"{where}: extra_columns.{name}: bad column name or type {typ!r}")
+        for key, typ in (("parts", list), ("split_schemes", dict), ("plates", dict), ("classes", list)):
+            if not isinstance(d[key], typ):
+                raise DatasetError(f"{where}: field {key!r} must be a JSON {typ.__name__.replace('dict', 'object')}, "
+                                   f"got {type(d[key]).__name__}")
         parts = [Part.from_dict(p, f"{where}: parts[{i}]") for i, p in enumerate(d["parts"])]
         schemes = {k: SplitScheme.from_dict(v, f"{where}: split_schemes.{k}") for k, v in d["split_schemes"].items()}
         m = cls(
@@ -225,6 +241,41 @@ class Manifest:
             missing = {"source", "batch", "cell_type"} - set(meta)
             if missing:
                 raise DatasetError(f"{where}: plates.{plate}: missing {sorted(missing)}")
+        for sname in self.split_schemes:
+            self.selection_overlaps(sname, where)
+
+    def selection_overlaps(self, sname: str, where: str = MANIFEST_NAME) -> dict[str, list[str]]:
+        """Model selection must never read a test row: per test split of scheme `sname`, the plates on which
+        only the rows can tell whether a row is in both it and the selection split (ShardDataset reads those
+        rows when it opens the dataset). Raises DatasetError when the predicates and the plates' columns
+        alone prove a shared row; a test split the manifest proves disjoint is left out."""
+        scheme = self.split_schemes[sname]
+        sel = scheme.selection_split
+        finite = {f.name: frozenset((True, False)) for f in self.schema() if pa.types.is_boolean(f.type)}
+        rows: dict[str, int] = {}
+        for p in self.parts:
+            rows[p.plate] = rows.get(p.plate, 0) + p.rows
+        out: dict[str, list[str]] = {}
+        for split, pred in scheme.splits.items():
+            if split == sel or scheme.role(split) != "test":
+                continue
+            # First without any plate: disjoint `in` sets over a plate-level column settle it at once.
+            if predicates.overlap(scheme.splits[sel], pred, finite=finite) is False:
+                continue
+            plates = [plate for plate in self.plates if rows.get(plate)]
+            known = [{"plate": plate, **{c: self.plates[plate][c] for c in PLATE_COLUMNS if c in self.plates[plate]}}
+                     for plate in plates]
+            undecided = []
+            for plate, both in zip(plates, predicates.overlaps(scheme.splits[sel], pred, known, finite)):
+                if both:
+                    raise DatasetError(
+                        f"{where}: split_schemes.{sname}: selection split {sel!r} and test split {split!r} both "
+                        f"select every row of plate {plate!r}; model selection must never read a test row")
+                if both is None:
+                    undecided.append(plate)
+            if undecided:
+                out[split] = undecided
+        return out
 
     # ---- planning helpers -----------------------------------------------------------------
     def plates_for(self, scheme: str, split: str) -> list[str]:

@@ -124,5 +124,113 @@ def all_of(*preds) -> dict:
     return preds[0] if len(preds) == 1 else {"all": list(preds)}
 
 
-def not_(pred) -> dict:
-    return {"not": pred}
+# ---------------------------------------------------------------------------------------------
+# can two predicates select a common row?
+# ---------------------------------------------------------------------------------------------
+_MAX_CONJUNCTS = 4096  # beyond this the question is left to the data
+
+
+class _TooComplex(Exception):
+    pass
+
+
+def _nnf(pred: Any, negate: bool = False):
+    """A checked predicate with negations pushed into the leaves: a bool, ("leaf", column, op, values),
+    ("and", [...]) or ("or", [...]). Leaf values are frozensets ("eq" and "ne" become one-element sets)."""
+    if pred is True:
+        return not negate
+    if "column" in pred:
+        op = next(k for k in pred if k != "column")
+        values = pred[op] if op in ("in", "not_in") else [pred[op]]
+        try:
+            values = frozenset(values)
+        except TypeError:  # an unhashable value: nothing can be proven about this leaf
+            raise _TooComplex from None
+        positive = op in ("eq", "in")
+        return ("leaf", pred["column"], positive != negate, values)
+    if "not" in pred:
+        return _nnf(pred["not"], not negate)
+    op = "all" if "all" in pred else "any"
+    kind = "and" if (op == "all") != negate else "or"
+    return (kind, [_nnf(p, negate) for p in pred[op]])
+
+
+def _bind(node, known: dict):
+    """Substitute the columns whose value is known and simplify."""
+    if isinstance(node, bool):
+        return node
+    if node[0] == "leaf":
+        _, column, positive, values = node
+        if column in known:
+            return (known[column] in values) == positive
+        return node
+    items = [_bind(n, known) for n in node[1]]
+    stop = node[0] == "or"  # the value that decides an "or" (True) or an "and" (False)
+    if any(i is stop for i in items):
+        return stop
+    items = [i for i in items if i is not (not stop)]
+    if not items:
+        return not stop
+    return items[0] if len(items) == 1 else (node[0], items)
+
+
+def _dnf(node) -> list[list[tuple]]:
+    if node is True:
+        return [[]]
+    if node is False:
+        return []
+    if node[0] == "leaf":
+        return [[node]]
+    if node[0] == "or":
+        out = [c for n in node[1] for c in _dnf(n)]
+    else:
+        out = [[]]
+        for n in node[1]:
+            out = [a + b for a in out for b in _dnf(n)]
+            if len(out) > _MAX_CONJUNCTS:
+                raise _TooComplex
+    if len(out) > _MAX_CONJUNCTS:
+        raise _TooComplex
+    return out
+
+
+def _satisfiable(leaves: list[tuple], finite: dict[str, frozenset]) -> bool:
+    allowed: dict[str, frozenset] = {}
+    excluded: dict[str, set] = {}
+    for _, column, positive, values in leaves:
+        if positive:
+            allowed[column] = allowed[column] & values if column in allowed else values
+        else:
+            excluded.setdefault(column, set()).update(values)
+    for column in set(allowed) | set(excluded):
+        domain = allowed.get(column, finite.get(column))
+        if domain is not None and not domain - excluded.get(column, set()):
+            return False
+    return True
+
+
+def overlap(a: Any, b: Any, known: dict | None = None, finite: dict[str, frozenset] | None = None) -> bool | None:
+    """Can a row satisfy both checked predicates `a` and `b`, given the values of the `known` columns?
+
+    False: no row can (proven from the predicates); True: every such row does; None: it depends on the
+    values of other columns, so only the rows can tell. `finite` gives the domains of columns with few
+    values (bool columns), so `ne True` with `ne False` is seen to be empty."""
+    return overlaps(a, b, [known or {}], finite)[0]
+
+
+def overlaps(a: Any, b: Any, knowns: list[dict], finite: dict[str, frozenset] | None = None) -> list[bool | None]:
+    """`overlap` for each of `knowns` (e.g. every plate's plate-level columns), normalising the predicates once."""
+    try:
+        both = ("and", [_nnf(a), _nnf(b)])
+    except _TooComplex:
+        return [None] * len(knowns)
+    out: list[bool | None] = []
+    for known in knowns:
+        node = _bind(both, known)
+        try:
+            if not isinstance(node, bool):
+                node = False if not any(_satisfiable(c, finite or {}) for c in _dnf(node)) else None
+        except _TooComplex:
+            node = None
+        out.append(node)
+    return out

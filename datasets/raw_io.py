@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .errors import DatasetError, StorageError
-from .storage import StorageOptions, describe_error, filesystem, join
+from .storage import StorageOptions, describe_error, filesystem
 
 FETCH_CHUNK = 128  # files per concurrent request batch (s3fs fetches a list concurrently)
 
@@ -143,15 +143,14 @@ def missing_or_error(url: str, value: bytes | Exception) -> str | None:
 
 
 def write_json(url: str, obj, options: StorageOptions | None) -> None:
-    """Write JSON atomically (temp key + rename), as the shard writer does."""
+    """Write JSON atomically, as the shard writer does."""
     import json
-    import uuid
+
+    from .storage import put_atomic
 
     fs, path = filesystem(url, options)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        fs.pipe_file(tmp, json.dumps(obj, indent=1, default=str).encode())
-        fs.mv(tmp, path)
+        put_atomic(fs, path, json.dumps(obj, indent=1, default=str).encode())
     except OSError as exc:
         raise describe_error(exc, url) from exc
 
@@ -165,10 +164,6 @@ def read_json(url: str, options: StorageOptions | None):
         return json.loads(fs.cat_file(path))
     except (OSError, ValueError):
         return None
-
-
-def path_join(root: str, *parts: str) -> str:
-    return join(root, *parts)
 
 
 # ---------------------------------------------------------------------------------------------

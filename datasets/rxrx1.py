@@ -1,6 +1,6 @@
 """RxRx1 (Recursion, rxrx.ai release): `metadata.csv` + per-channel 8-bit PNGs -> plate shards.
 
-Layout (datasets-research B2-B5):
+Layout:
     <src>/metadata.csv                                       11 columns, one row per site
     <src>/images/<experiment>/Plate<p>/<well>_s<site>_w<ch>.png   ch = 1..6, 8-bit grayscale, 512x512
 

@@ -1,6 +1,6 @@
 """RxRx1-WILDS (wilds 2.0.0, dataset version 1.0) -> plate shards, with the WILDS split schemes as predicates.
 
-Layout (datasets-research C1-C4): `<root>/rxrx1_v1.0/{RELEASE_v1.0.txt, metadata.csv,
+Layout: `<root>/rxrx1_v1.0/{RELEASE_v1.0.txt, metadata.csv,
 images/<experiment>/Plate<p>/<well>_s<site>.png}`; images are 3-channel RGB 8-bit PNGs, 256x256.
 `--src` may name the folder holding `rxrx1_v1.0/` or that folder itself; RELEASE_v1.0.txt must exist
 (WILDS treats the data as present only then).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,9 +24,11 @@ import pyarrow.parquet as pq
 from . import predicates
 from .errors import DatasetError, StorageError
 from .manifest import BASE_SCHEMA, MANIFEST_NAME, METADATA_COLUMNS, Manifest, Part
-from .storage import STORAGE_ERRORS, StorageOptions, absolute, describe_error, filesystem, join
+from .storage import STORAGE_ERRORS, StorageOptions, absolute, describe_error, filesystem, join, put_atomic
 
 PLATE_MARKER = "_plate.json"
+# (url, manifest checksum) of datasets whose selection/test disjointness needed, and passed, a read of the rows.
+_SELECTION_CHECKED: set[tuple[str, str]] = set()
 DEFAULT_PART_BYTES = 64 * 2**20
 
 
@@ -85,16 +86,6 @@ def decode_images(column, shape: tuple[int, int, int], dtype: str) -> np.ndarray
 # ---------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------
-def _atomic_put(fs, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.pipe_file(tmp, data)
-    try:
-        fs.mv(tmp, path)
-    except Exception:
-        fs.rm_file(tmp)
-        raise
-
-
 def _check_plate_name(plate: str) -> None:
     if not plate or "/" in plate or plate.startswith(".") or plate.startswith("_"):
         raise DatasetError(f"plate name {plate!r} cannot be used as a folder name")
@@ -128,7 +119,7 @@ def write_plate(root: str, plate: str, table: pa.Table, *, image_nbytes: int, op
             pq.write_table(chunk, buf, compression="zstd", row_group_size=chunk.num_rows)
             data = buf.getvalue()
             rel = f"plates/{plate}/part-{i:05d}.parquet"
-            _atomic_put(fs, join(root_path, rel), data)
+            put_atomic(fs, join(root_path, rel), data)
             existing.discard(join(root_path, rel))
             parts.append(Part(path=rel, plate=plate, rows=chunk.num_rows,
                               controls=int(pc.sum(chunk["is_control"]).as_py() or 0),
@@ -136,7 +127,7 @@ def write_plate(root: str, plate: str, table: pa.Table, *, image_nbytes: int, op
         for stale in existing:  # parts of an earlier, larger write of this plate
             fs.rm_file(stale)
         marker = {"plate": plate, "parts": [p.__dict__ for p in parts]}
-        _atomic_put(fs, join(plate_dir, PLATE_MARKER), json.dumps(marker).encode())
+        put_atomic(fs, join(plate_dir, PLATE_MARKER), json.dumps(marker).encode())
     except STORAGE_ERRORS as exc:
         if isinstance(exc, DatasetError):
             raise
@@ -174,7 +165,7 @@ def write_manifest(root: str, manifest: Manifest, options: StorageOptions | None
         if missing:
             raise DatasetError(f"{root}/{MANIFEST_NAME}: refusing to write; {len(missing)} listed part(s) missing, "
                                f"e.g. {missing[0]}")
-        _atomic_put(fs, join(root_path, MANIFEST_NAME), manifest.to_json().encode())
+        put_atomic(fs, join(root_path, MANIFEST_NAME), manifest.to_json().encode())
     except DatasetError:
         raise
     except STORAGE_ERRORS as exc:
@@ -193,6 +184,7 @@ class ShardDataset:
         self.options = options
         self._fs = None
         self.manifest = manifest if manifest is not None else self._read_manifest()
+        self._check_selection_rows()
 
     def __getstate__(self):
         # Cached: every Ray Data read task pickles the handle, and to_dict walks every part.
@@ -225,6 +217,27 @@ class ShardDataset:
             raise describe_error(exc, where) from exc
         return Manifest.from_json(text, where)
 
+    def _check_selection_rows(self) -> None:
+        """Where the manifest alone cannot tell (Manifest.selection_overlaps), read the metadata rows: no row may
+        be in both the selection split and a test split. Not on unpickling: Ray tasks get checked handles."""
+        where = f"{self.url}/{MANIFEST_NAME}"
+        pending = [(sname, split, plates) for sname in self.manifest.split_schemes
+                   for split, plates in self.manifest.selection_overlaps(sname, where).items()]
+        key = (self.url, self.manifest.checksum())
+        if not pending or key in _SELECTION_CHECKED:
+            return
+        for sname, split, plates in pending:
+            sel = self.manifest.split_schemes[sname].selection_split
+            both = self.split_expression(sname, sel) & self.split_expression(sname, split)
+            rows = self.metadata(plates).filter(both)
+            if rows.num_rows:
+                first = rows.slice(0, 1).to_pylist()[0]
+                raise DatasetError(
+                    f"{where}: split_schemes.{sname}: selection split {sel!r} and test split {split!r} both "
+                    f"select {rows.num_rows} row(s), e.g. image_id {first['image_id']!r} of plate "
+                    f"{first['plate']!r}; model selection must never read a test row")
+        _SELECTION_CHECKED.add(key)
+
     def part_url(self, part: Part) -> str:
         return f"{self.url}/{part.path}"
 
@@ -254,11 +267,11 @@ class ShardDataset:
             self._check_part(pf.schema_arrow, table, part, where)
             return table
         data = self._fetch(path, where, retries, backoff_s)
-        if verify:
+        if verify:  # on the bytes fetched, before parsing: a change that still decodes is caught too
             digest = hashlib.sha256(data).hexdigest()
             if digest != part.sha256:
-                raise DatasetError(f"{where}: checksum mismatch (manifest sha256 {part.sha256[:12]}..., "
-                                   f"file {digest[:12]}...)")
+                raise DatasetError(f"{where}: checksum mismatch (plate {part.plate}; manifest sha256 {part.sha256}, "
+                                   f"bytes read {digest})")
         try:
             pf = pq.ParquetFile(pa.BufferReader(data))
             table = pf.read()

@@ -38,13 +38,20 @@ class DomainIndex:
 
 
 def to_batch(item: RowBatch, manifest: Manifest, domains: DomainIndex, policy: str | None = None,
-             generator: torch.Generator | None = None, keep_ids: bool = False) -> Batch:
+             generator: torch.Generator | None = None, keep_ids: bool = False,
+             channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Batch:
+    """`channel_stats` (per-channel mean, std): normalise every image with them; None: self-standardise."""
     tables = [item.queries] + ([item.controls] if item.controls is not None else [])
     n_q = item.queries.num_rows
     n_c = item.controls.num_rows if item.controls is not None else 0
     arrays = [decode_images(t.column("image"), manifest.image_shape, manifest.dtype) for t in tables]
     arr = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    x = self_standardize(torch.from_numpy(arr.astype(np.float32)))
+    x = torch.from_numpy(arr.astype(np.float32))
+    if channel_stats is None:
+        x = self_standardize(x)
+    else:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in channel_stats)
+        x = (x - mean) / std
     if policy and generator is not None:
         x = augment(x, policy, generator)
     labels = np.concatenate([item.queries.column("label").to_numpy(), np.full(n_c, -1, np.int64)])

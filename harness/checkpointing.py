@@ -10,18 +10,18 @@
 
 Files hold tensors and plain data only and are read with `torch.load(weights_only=True)`: a checkpoint in a
 shared bucket is data, never code (a pickle that would run code is refused with an error naming the file).
-Every file is written to a temporary name and then renamed, so a crash never leaves a half-written one.
+Every file is written atomically (datasets/storage.put_atomic), so a crash never leaves a half-written one, and
+storage errors are retried with backoff for a bounded time.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import torch
-from platebench.datasets.storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
+from platebench.datasets.storage import StorageOptions, filesystem, join, put_atomic, with_retries
 
 from .errors import HarnessError
 
@@ -48,20 +48,17 @@ class TrainingStore:
     # -- plain files ----------------------------------------------------------------------------
     def _write(self, name: str, data: bytes) -> None:
         path = join(self.root, name)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+
+        def write():
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        except STORAGE_ERRORS as exc:
-            raise describe_error(exc, f"writing {join(self.url, name)}") from exc
+            put_atomic(self.fs, path, data)
+
+        with_retries(write, f"writing {join(self.url, name)}")
 
     def _read(self, name: str) -> bytes | None:
         path = join(self.root, name)
-        try:
-            return self.fs.cat_file(path) if self.fs.exists(path) else None
-        except STORAGE_ERRORS as exc:
-            raise describe_error(exc, f"reading {join(self.url, name)}") from exc
+        return with_retries(lambda: self.fs.cat_file(path) if self.fs.exists(path) else None,
+                            f"reading {join(self.url, name)}")
 
     def write_json(self, name: str, payload) -> None:
         self._write(name, json.dumps(payload, indent=1, default=list).encode())
@@ -97,10 +94,8 @@ class TrainingStore:
         return weights
 
     def weight_epochs(self) -> list[int]:
-        try:
-            files = self.fs.glob(join(self.root, "weights", "epoch-?????.pt"))
-        except STORAGE_ERRORS as exc:
-            raise describe_error(exc, f"listing {self.url}/weights") from exc
+        files = with_retries(lambda: self.fs.glob(join(self.root, "weights", "epoch-?????.pt")),
+                             f"listing {self.url}/weights")
         return sorted(int(f.rsplit("-", 1)[1][:5]) for f in files)
 
     # -- resume state ---------------------------------------------------------------------------

@@ -8,15 +8,18 @@ import importlib
 import os
 import sys
 
-COMMANDS = ["synth", "inspect", "methods", "run", "bench", "leaderboard", "sweep", "ingest", "perf"]
+COMMANDS = ["synth", "inspect", "methods", "run", "bench", "leaderboard", "sweep", "ingest", "perf", "validate",
+            "export", "analyze"]
 
 
-def _add_storage_flags(p: argparse.ArgumentParser) -> None:
+def _add_storage_flags(p: argparse.ArgumentParser, default=None) -> None:
+    """The storage flags, accepted before the command and after it (there `default=SUPPRESS`, so a flag given
+    before the command is not reset by the subcommand's own default)."""
     g = p.add_argument_group("object storage (also read from PLATEBENCH_S3_* / AWS_* environment variables)")
-    g.add_argument("--s3-endpoint", help="S3 endpoint URL, e.g. http://127.0.0.1:9000")
-    g.add_argument("--s3-anon", action="store_true",
+    g.add_argument("--s3-endpoint", default=default, help="S3 endpoint URL, e.g. http://127.0.0.1:9000")
+    g.add_argument("--s3-anon", action="store_true", default=default if default is not None else False,
                    help="anonymous S3 access (public buckets such as the JUMP gallery)")
-    g.add_argument("--s3-region", help="S3 region (default us-east-1)")
+    g.add_argument("--s3-region", default=default, help="S3 region (default us-east-1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"platebench.harness.commands.{name}")
         p = module.add_parser(sub)
+        _add_storage_flags(p, default=argparse.SUPPRESS)
         p.set_defaults(_run=module.run)
     return parser
 

@@ -20,7 +20,6 @@ from platebench.datasets.shards import ShardDataset
 from platebench.methods import Method
 from platebench.methods.distributed import all_gather_objects
 
-from .records import FULL_PLATE
 from .runspec import RunSpec
 from .stream import PartCache, PlateStream, StreamConfig
 
@@ -35,9 +34,9 @@ class PlateCounts:
 
 class Evaluator:
     def __init__(self, ds: ShardDataset, spec: RunSpec, method: Method, rank: int = 0, world: int = 1,
-                 device: torch.device | str = "cpu", cache: PartCache | None = None):
+                 device: torch.device | str = "cpu", cache: PartCache | None = None, channel_stats=None):
         self.ds, self.spec, self.rank, self.world, self.device = ds, spec, rank, world, device
-        self.cache = cache
+        self.cache, self.channel_stats = cache, channel_stats
         self.scheme = ds.manifest.scheme(spec.split_scheme)
         self.splits = [s for s in self.scheme.splits if s != "train"]
         self.val_splits = [s for s in self.splits if self.scheme.role(s) == "val"]
@@ -55,9 +54,14 @@ class Evaluator:
         key = (split, batch_size, n_controls)
         if key not in self._streams:
             cfg = StreamConfig(scheme=self.spec.split_scheme, split=split, batch_size=batch_size, train=False,
-                               n_controls=n_controls, seed=self.spec.seed)
+                               n_controls=n_controls, seed=self.spec.seed, channel_stats=self.channel_stats)
             self._streams[key] = PlateStream(self.ds, cfg, self.rank, self.world, self.cache)
         return self._streams[key]
+
+    def warm(self, splits: list[str]) -> None:
+        """The parts of `splits` into the part cache before the first evaluation (see PlateStream.warm)."""
+        for split in splits:
+            self._stream(split, self.main_batch, self.main_controls).warm()
 
     @torch.no_grad()
     def counts(self, method: Method, split: str, batch_size: int, n_controls: int) -> list[PlateCounts]:
@@ -140,11 +144,4 @@ class Evaluator:
         return sum(p.controls for p in self.ds.manifest.parts_of(plate))
 
 
-def main_value(rows: list[dict], split: str, metric: str = "accuracy") -> float | None:
-    for r in rows:
-        if r["split"] == split and r["domain_kind"] == "all" and r["metric"] == metric and r["protocol"] == "main":
-            return r["value"]
-    return None
-
-
-__all__ = ["FULL_PLATE", "Evaluator", "PlateCounts", "main_value"]
+__all__ = ["Evaluator", "PlateCounts"]

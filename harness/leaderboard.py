@@ -12,27 +12,35 @@ Decisions (documented in the README):
   split, seeds): a `reference` row, labelled `baseline_track: "standard"`, unranked.
 - A row is complete only if its seed set equals the baseline's and every seed has every domain column
   and one main eval setting; incomplete rows keep their numbers but get no rank and no Holm decision.
+- Each row names the runs behind it (`run_ids`) and, when the records were merged from several bundles or
+  storage roots (harness/sources.py), the sources those runs came from (`sources`).
+- Across several (dataset, scheme, test split) blocks: an overall table per track of average ranks with a
+  Friedman test and Nemenyi critical difference (harness/ranks.py); next to accuracy, each method's cost per
+  run from the done markers (harness/cost.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import stats
+from . import cost, ranks, stats
+from .configs import choose_configs
 from .errors import HarnessError
-from .selection import LEADERBOARD_RULES, MAIN, choose_configs, selected_results
+from .records import MAIN
+from .representation_tables import representation_tables
+from .selection import LEADERBOARD_RULES, selected_results
 
 COLUMN_KINDS = ("cell_type", "batch", "source")
 SWEEP_KNOBS = {"batch-size-sweep": "eval_batch_size", "controls-sweep": "n_controls"}
 ALPHA = 0.05
 
 
-def _cells(rows: list[dict]) -> dict:
+def _cells(rows: list[dict], sources: Mapping[str, Sequence[str]] | None = None) -> dict:
     """(dataset, scheme, split, track, method) -> {"total": {seed: row}, (kind, domain): {seed: value}}."""
     cells: dict = defaultdict(lambda: defaultdict(dict))
     owner: dict = {}  # (cell key, seed) -> run_id: one run per seed, or the seed's numbers would be mixed
@@ -40,8 +48,12 @@ def _cells(rows: list[dict]) -> dict:
         key = (r["dataset"], r["split_scheme"], r["split"], r["track"], r["method"])
         prev = owner.setdefault((key, r["seed"]), r["run_id"])
         if prev != r["run_id"]:
+            where = ""
+            if sources:
+                where = (f" from {', '.join(sources.get(prev, ['?']))} and "
+                         f"{', '.join(sources.get(r['run_id'], ['?']))}")
             raise HarnessError(f"{key[0]}/{key[1]} method '{key[4]}' ({key[3]}): two runs for seed {r['seed']} with "
-                               f"the same hparams (run ids {prev} and {r['run_id']}); remove one")
+                               f"the same hparams (run ids {prev} and {r['run_id']}{where}); remove one")
         col = "total" if r["domain_kind"] == "all" else (r["domain_kind"], r["domain"])
         cells[key][col][r["seed"]] = r if col == "total" else r["value"]
     return cells
@@ -57,7 +69,8 @@ def domain_columns(rows: list[dict]) -> tuple[str | None, list[str]]:
 
 
 def _row(method: str, track: str, cell: Mapping, kind: str | None, domains: list[str],
-         base_total: Mapping[int, float] | None, is_baseline: bool) -> dict:
+         base_total: Mapping[int, float] | None, is_baseline: bool,
+         sources: Mapping[str, Sequence[str]] | None = None) -> dict:
     total_rows = cell.get("total", {})
     per_seed = {s: r["value"] for s, r in sorted(total_rows.items())}
     summ = stats.summarize(list(per_seed.values()))
@@ -88,12 +101,24 @@ def _row(method: str, track: str, cell: Mapping, kind: str | None, domains: list
         "n_paired": None, "diff_mean": None, "p_paired_t": None, "p_wilcoxon": None, "diff_ci95": None,
         "p_holm": None, "significant_holm": None,
         "complete": not reasons, "incomplete_reasons": reasons, "rank": None,
+        "run_ids": sorted({r["run_id"] for r in total_rows.values()}),
+        "sources": _row_sources(total_rows.values(), sources),
     }
     if base_total is not None and not is_baseline:
         cmp = stats.compare_paired(per_seed, base_total)
         row.update(n_paired=cmp.n_paired, diff_mean=cmp.diff_mean, p_paired_t=cmp.p_paired_t,
                    p_wilcoxon=cmp.p_wilcoxon, diff_ci95=list(cmp.diff_ci95) if cmp.diff_ci95 else None)
     return row
+
+
+def source_labels(sources: Mapping[str, Sequence[str]] | None) -> list[str]:
+    """Every source label, in the order the sources were given (the run mapping is built in that order)."""
+    return list(dict.fromkeys(s for v in (sources or {}).values() for s in v))
+
+
+def _row_sources(total_rows, sources: Mapping[str, Sequence[str]] | None) -> list[str]:
+    order = {s: i for i, s in enumerate(source_labels(sources))}
+    return sorted({s for r in total_rows for s in (sources or {}).get(r["run_id"], [])}, key=order.__getitem__)
 
 
 def _rank_and_correct(rows: list[dict], alpha: float) -> None:
@@ -112,8 +137,12 @@ def _sort_rows(rows: list[dict]) -> list[dict]:
 
 
 def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val",
-                      best_configs: Mapping | None = None, alpha: float = ALPHA) -> dict:
-    """The whole leaderboard as a JSON-ready dict: {"tables": [...], "sweeps": [...], "settings": {...}}."""
+                      best_configs: Mapping | None = None, alpha: float = ALPHA, *,
+                      sources: Mapping[str, Sequence[str]] | None = None,
+                      done: Mapping[str, Mapping] | None = None) -> dict:
+    """The whole leaderboard as a JSON-ready dict: {"tables": [...], "sweeps": [...], "overall": [...],
+    "cost": [...], "settings": {...}}. `sources`: run_id -> the bundles/roots it came from (harness/sources.py);
+    `done`: run_id -> its done marker (for the cost tables)."""
     if len(records) == 0:
         raise HarnessError("no records to build a leaderboard from")
     if rule not in LEADERBOARD_RULES:
@@ -130,7 +159,7 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
         raise HarnessError(f"baseline '{baseline}' has no records (methods present: {', '.join(methods)}); "
                            "choose one with --baseline")
     main = [r for r in rows if r["protocol"] == MAIN]
-    cells = _cells(main)
+    cells = _cells(main, sources)
     by_split: dict = defaultdict(list)
     for r in main:
         by_split[(r["dataset"], r["split_scheme"], r["split"])].append(r)
@@ -164,11 +193,11 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
             base_total = {s: r["value"] for s, r in base_cell["total"].items()}
             out_rows = []
             if base_track != track:
-                ref = _row(baseline, base_track, base_cell, kind, domains, base_total, True)
+                ref = _row(baseline, base_track, base_cell, kind, domains, base_total, True, sources)
                 out_rows.append({**ref, "reference": True})
             for m in methods:
                 out_rows.append(_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
-                                     m == baseline))
+                                     m == baseline, sources))
             for r in out_rows:
                 r.setdefault("reference", False)
                 r["is_baseline"] = r["method"] == baseline and r["track"] == base_track
@@ -185,11 +214,32 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                 "seeds": sorted(base_total), "domain_kind": kind, "domains": domains,
                 "rows": _sort_rows(out_rows),
             })
+    representation = representation_tables(records, selected, choices, baseline, alpha, sources) \
+        if rule == "val" else []
+    overall, overall_notes = ranks.overall_ranks(tables, alpha)
+    cost_out, cost_notes = cost.cost_tables(tables, done or {})
+    labels = source_labels(sources)
     return {"tables": tables, "sweeps": build_sweeps(rows), "sweeps_left_out": sweeps_left_out(records, rows),
+            "overall": overall, "cost": cost_out, "representation": representation,
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
                          "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,
                                       "of": "mean paired difference vs the baseline over seeds"},
-                         "std_ddof": 1, "domain_column_kinds": list(COLUMN_KINDS)}}
+                         "std_ddof": 1, "domain_column_kinds": list(COLUMN_KINDS),
+                         "sources": labels,
+                         "representation": "at the best validation epoch, rule 'val' only" if rule == "val" else
+                         f"not shown: runs record the representation metrics at the best validation epoch, and the "
+                         f"rule is {rule!r}",
+                         "overall": {"blocks": "(dataset, split scheme, test split)", "value": "mean Total accuracy",
+                                     "rank": "1 = best, ties averaged", "test": "scipy.stats.friedmanchisquare",
+                                     "post_hoc": "scikit_posthocs.posthoc_nemenyi_friedman",
+                                     "critical_difference": "Demšar 2006, q_alpha * sqrt(k(k+1)/(6N))",
+                                     "notes": overall_notes},
+                         "cost": {"images_per_s": "train_images_rank0 * workers / training_s",
+                                  "wall_s": "setup_s + training_s + evaluation_s",
+                                  "core_hours": "(training_s + evaluation_s) * workers * cpus_per_worker / 3600",
+                                  "gpu_hours": "(training_s + evaluation_s) * workers * gpus_per_worker / 3600",
+                                  "shared": "a training shared by several methods is counted in full for each",
+                                  "notes": cost_notes}}}
 
 
 def build_sweeps(rows: list[dict]) -> list[dict]:

@@ -1,11 +1,13 @@
 """Start (or join) Ray the way platebench needs it on one host or a cluster.
 
 A local Ray started here listens on 127.0.0.1 only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes
-Ray 2.60 use the loopback node IP; without it every gRPC server binds all interfaces, ray-research
-§6), keeps its temp files under a folder we choose, uses the legacy Parquet datasource (the V2
-reader bin-packs files into 128 MiB units and starts 32 footer actors per epoch, §2), and keeps the
-dashboard on (Tune + Train need the state API to clean up placement groups of stopped trials, §4).
+Ray 2.60 use the loopback node IP; without it every gRPC server binds all interfaces), keeps its temp
+files under a folder we choose, uses the legacy Parquet datasource (the V2 reader bin-packs files into
+128 MiB units and starts 32 footer actors per epoch), and keeps the dashboard on (Tune + Train need the
+state API to clean up placement groups of stopped trials).
 It is never torn down with `ray stop` (host-wide); `ray.shutdown()` stops what we started.
+Train workers rendezvous through a store listening on rank 0's node address only (torch_config), and
+no credential is put in a runtime_env (Ray logs it): workers read theirs from their own environment.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import getpass
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import HarnessError
 
 # Set before any Ray process starts; workers inherit them from the raylet.
 RAY_ENV = {
@@ -24,13 +28,29 @@ RAY_ENV = {
     # the next poll: 0.2 s (vs 1 s) cut an empty fit() from 11.3-12.6 s to 8.4-9 s here. A missed poll is not an
     # error (workers are declared dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), and
     # a shorter poll also narrows the window in which a hard crash loses a just-reported
-    # checkpoint (ray-research §3).
+    # checkpoint.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # Keep idle worker processes for a minute instead of one second: Ray Data read tasks come in
     # bursts (every epoch, every split), and restarting a worker re-imports pyarrow and platebench.
     "RAY_idle_worker_killing_time_threshold_ms": "60000",
     "RAY_DEDUP_LOGS": "1",
 }
+
+
+# Non-secret settings a Ray started or joined here hands its workers through runtime_env, besides RAY_ENV. Never
+# credentials: Ray's runtime-env agent writes this environment in plain text to the session's logs. Workers read
+# credentials from their own environment (a local Ray's workers inherit the driver's) or an instance role.
+RUNTIME_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PLATEBENCH_S3_ENDPOINT", "PLATEBENCH_S3_ANON",
+                    "PLATEBENCH_S3_REGION")
+
+
+# Credentials Ray Tune would copy from the driver's environment into every trial's runtime_env.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime_env platebench gives Ray: RAY_ENV and RUNTIME_ENV_KEYS that are set."""
+    return {k: os.environ[k] for k in (*RAY_ENV, *RUNTIME_ENV_KEYS) if k in os.environ}
 
 
 def default_tmpdir() -> str:
@@ -59,24 +79,66 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     import logging
 
     logging.getLogger("ray").setLevel(logging.WARNING)
-    env_vars = {k: os.environ[k] for k in RAY_ENV}
-    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                "PLATEBENCH_S3_ENDPOINT", "PLATEBENCH_S3_ANON", "PLATEBENCH_S3_REGION"):
-        if key in os.environ:
-            env_vars[key] = os.environ[key]
-    runtime_env = {"env_vars": env_vars}
+    _keep_credentials_out_of_tune()
+    runtime_env = {"env_vars": runtime_env_vars()}
     if address:
-        return ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver,
-                        ignore_reinit_error=True)
+        check_reachable(address)
+        try:
+            return ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver,
+                            ignore_reinit_error=True)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise HarnessError(f"cannot join the Ray cluster at --address {address} "
+                               f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})") from None
     tmp = os.environ["RAY_TMPDIR"]
     os.makedirs(tmp, exist_ok=True)
     kw = {}
     if object_store_mb:
         kw["object_store_memory"] = object_store_mb * 2**20
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when first imported, and a platebench module may have
+    # imported it before apply_env ran: the node IP would then be the host's and Ray's servers would listen on
+    # every interface. The processes started below read it from the environment set above.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
                     dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=log_to_driver,
                     runtime_env=runtime_env, ignore_reinit_error=True, configure_logging=True,
                     logging_level="warning", **kw)
+
+
+def check_reachable(address: str, wait_s: float = 15.0) -> None:
+    """An explicit `host:port` must accept a TCP connection within `wait_s` seconds: a cluster that does not
+    answer is one error line, not a join that waits for minutes. ("auto" and ray:// addresses are left to
+    ray.init, which fails at once when no cluster is found.)"""
+    import socket
+    import time
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise HarnessError(f"--address {address!r}: expected host:port, auto or ray://host:port")
+    deadline, last = time.monotonic() + wait_s, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, wait_s)):
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(1.0)
+    raise HarnessError(f"the Ray cluster at --address {address} does not answer after {wait_s:.0f} s ({last}); "
+                       "start it (ray start --head) or give its address (auto on the head node)")
+
+
+def _keep_credentials_out_of_tune() -> None:
+    """Ray Tune puts the driver's AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN in every trial actor's runtime_env
+    (ray.tune.execution.class_cache), which Ray's runtime-env agent logs in plain text; trials read credentials from
+    their own environment or instance role like every other worker instead."""
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, set):
+        propagated.difference_update(CREDENTIAL_ENV)
 
 
 def shutdown() -> None:
@@ -84,3 +146,116 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# -- the Train workers' rendezvous store ------------------------------------------------------------------------
+# Ray Train's TorchConfig has rank 0 start torch's TCPStore at its node's address, but TCPStore listens on every
+# interface whatever address it is given. platebench's TorchConfig makes rank 0 listen on its node's address only
+# (127.0.0.1 on a local Ray, the node's cluster address on a cluster) and hands that socket to the store; the
+# process-group setup that follows is Ray's own, and its TCPStore (multi-tenant) reuses the server already serving
+# that port in the process instead of opening another.
+
+_STORE = None  # rank 0's store server: alive as long as the worker process (and its process group)
+_TORCH_CLASSES: dict = {}
+
+
+def torch_config(backend: str):
+    """Ray Train's TorchConfig for `backend` ("gloo" or "nccl") whose rendezvous store listens on the rank-0
+    node's address only."""
+    return _torch_classes()["PlatebenchTorchConfig"](backend=backend)
+
+
+def __getattr__(name: str):
+    # Built on first use (ray.train.torch takes seconds to import); Ray's controller and workers unpickle the config
+    # by name, which lands here in their processes.
+    if name in ("PlatebenchTorchConfig", "PlatebenchTorchBackend"):
+        return _torch_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _serve_store(timeout_s: float):
+    """On rank 0: a store server listening on this node's address only; (address, port), or None if it cannot."""
+    global _STORE
+    import socket
+    from datetime import timedelta
+
+    import ray
+    import torch.distributed as dist
+
+    addr = ray.util.get_node_ip_address()
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((addr, 0))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        return None
+    port, fd = sock.getsockname()[1], sock.detach()
+    try:
+        _STORE = dist.TCPStore(addr, port, is_master=True, timeout=timedelta(seconds=timeout_s),
+                               wait_for_workers=False, multi_tenant=True, master_listen_fd=fd)
+    except (TypeError, RuntimeError, ValueError):  # a torch without master_listen_fd (before 2.4)
+        os.close(fd)
+        return None
+    return addr, port
+
+
+def _set_master(addr: str, port: int, backend: str) -> None:
+    import ipaddress
+    import socket
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    try:
+        if not ipaddress.ip_address(addr).is_loopback:
+            return
+    except ValueError:  # a host name: not this machine's loopback
+        return
+    # One machine: gloo's and NCCL's own sockets on loopback too (gloo otherwise binds what the host name resolves
+    # to, NCCL the first non-loopback interface), unless the user chose an interface.
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    if loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        if backend == "nccl":
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+
+
+def _torch_classes() -> dict:
+    if _TORCH_CLASSES:
+        return _TORCH_CLASSES
+    from dataclasses import dataclass
+
+    import ray
+    from ray.train.torch.config import (
+        TorchConfig,
+        V1WorkerGroup,
+        _set_torch_distributed_env_vars,
+        _setup_torch_process_group,
+        _TorchBackend,
+    )
+
+    class PlatebenchTorchBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            served = None
+            if backend_config.backend in ("gloo", "nccl") and backend_config.init_method == "env":
+                served = worker_group.execute_single(0, _serve_store, backend_config.timeout_s)
+            if served is None:  # the address is not bindable here (NAT?) or torch is too old: Ray's own setup
+                return super().on_start(worker_group, backend_config)
+            # What _TorchBackend.on_start does for env://, with the master address and port of the store above.
+            worker_group.execute(_set_master, *served, backend_config.backend)
+            if not isinstance(worker_group, V1WorkerGroup):
+                worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(i, _setup_torch_process_group, backend=backend_config.backend,
+                                                       world_rank=i, world_size=len(worker_group),
+                                                       init_method="env://", timeout_s=backend_config.timeout_s)
+                     for i in range(len(worker_group))])
+
+    @dataclass
+    class PlatebenchTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return PlatebenchTorchBackend
+
+    for cls in (PlatebenchTorchBackend, PlatebenchTorchConfig):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # pickled by reference: found via __getattr__
+        _TORCH_CLASSES[cls.__name__] = cls
+    return _TORCH_CLASSES

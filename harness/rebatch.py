@@ -1,7 +1,7 @@
 """Turn a stream of single-plate Arrow blocks into mini-batches (pure Python; no Ray, no torch).
 
 Why a re-batcher: Ray Data's own batching mixes plates or gives ragged batches, and its groupby/sort
-are all-to-all barriers (ray-research §2). Blocks here are whole parts (one plate each), arriving in
+are all-to-all barriers that wait for the whole dataset. Blocks here are whole parts (one plate each), arriving in
 plan order; we buffer at most the rows of the plates currently open.
 
 Three modes, each with a step count that `count_steps` predicts exactly from the per-plate row
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,12 +251,3 @@ class Rebatcher:
         self._mixed = [pool.take(pa.array(rest))] if len(rest) else []
         self._mixed_plates = self._mixed_plates[-1:] if len(rest) and not final else []
 
-
-def rebatch(blocks: Iterable[tuple[pa.Table, np.ndarray, np.ndarray]], spec: RebatchSpec) -> Iterator:
-    """Convenience generator over (block, query_mask, is_control) triples."""
-    rb = Rebatcher(spec)
-    for block, qmask, cmask in blocks:
-        rb.push(block, qmask, cmask)
-        yield from rb.pop()
-    rb.finish()
-    yield from rb.pop()

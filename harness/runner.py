@@ -16,11 +16,20 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from platebench.datasets.storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
+from platebench.datasets.storage import (
+    STORAGE_ERRORS,
+    StorageOptions,
+    describe_error,
+    filesystem,
+    join,
+    put_atomic,
+    with_retries,
+)
 
 from .errors import HarnessError
 from .jobs import JobQueue, plan_jobs
 from .runspec import RunSpec
+from .stream import StreamConfig
 from .tracking import MlflowTarget
 
 RUNS_DIR = "runs"
@@ -36,7 +45,7 @@ class Launch:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2
-    read_cpus: float = 0.25
+    read_cpus: float = StreamConfig.read_cpus  # per Ray Data read task
     mlflow: MlflowTarget | None = None
     fault: str | None = None  # fault injection for resilience tests (harness/faults.py)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
@@ -49,19 +58,19 @@ def done_path(storage: str, run_id: str) -> str:
 
 def read_done(launch: Launch, run_id: str) -> dict | None:
     fs, path = filesystem(done_path(launch.storage, run_id), launch.options)
-    try:
-        return json.loads(fs.cat_file(path)) if fs.exists(path) else None
-    except STORAGE_ERRORS as exc:
-        raise describe_error(exc, f"reading {done_path(launch.storage, run_id)}") from exc
+    data = with_retries(lambda: fs.cat_file(path) if fs.exists(path) else None,
+                        f"reading {done_path(launch.storage, run_id)}")
+    return None if data is None else json.loads(data)
 
 
 def write_run_file(launch: Launch, run_id: str, name: str, payload) -> None:
     fs, root = filesystem(launch.storage, launch.options)
-    try:
+
+    def write():
         fs.makedirs(join(root, RUNS_DIR, run_id), exist_ok=True)
-        fs.pipe_file(join(root, RUNS_DIR, run_id, name), json.dumps(payload, indent=1, default=list).encode())
-    except STORAGE_ERRORS as exc:
-        raise describe_error(exc, f"writing {join(launch.storage, RUNS_DIR, run_id, name)}") from exc
+        put_atomic(fs, join(root, RUNS_DIR, run_id, name), json.dumps(payload, indent=1, default=list).encode())
+
+    with_retries(write, f"writing {join(launch.storage, RUNS_DIR, run_id, name)}")
 
 
 def write_run_done(launch: Launch, spec: RunSpec, facts: dict) -> dict:
@@ -90,8 +99,9 @@ def check_storage_writable(launch: Launch) -> None:
 def make_lane_trainer(launch: Launch, lane: str, queue, callbacks: list | None = None):
     import ray.train
     from platebench.datasets.storage import pyarrow_filesystem
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from .ray_local import torch_config
     from .train_loop import lane_worker
 
     fs, path = pyarrow_filesystem(join(launch.storage, "ray", "lanes"), launch.options)
@@ -99,8 +109,9 @@ def make_lane_trainer(launch: Launch, lane: str, queue, callbacks: list | None =
     return TorchTrainer(
         lane_worker,
         train_loop_config={"launch": launch, "queue": queue, "lane": lane},
-        # Per-rank BatchNorm (no SyncBatchNorm): each rank's statistics stay plate-pure.
-        torch_config=TorchConfig(backend="nccl" if launch.use_gpu else "gloo"),
+        # Per-rank BatchNorm (no SyncBatchNorm): each rank's statistics stay plate-pure. The rendezvous store
+        # listens on rank 0's node address only (127.0.0.1 on a local Ray), not on every interface.
+        torch_config=torch_config("nccl" if launch.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=launch.workers, use_gpu=launch.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=launch.placement_strategy),

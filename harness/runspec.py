@@ -148,27 +148,13 @@ def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict 
                     eval=eval_protocol or EvalProtocol()) for s in seeds]
 
 
-def parse_hparams(pairs: list[str] | None) -> dict:
-    """`k=v` strings from the command line (values stay strings; the method coerces and checks them)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise HarnessError(f"--hparams expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def check_trainable(ds: ShardDataset, spec: RunSpec, workers: int) -> int:
     """Steps per epoch of the first epoch; an error if the train split cannot fill one batch per rank."""
     from .stream import PlateStream, StreamConfig
 
     cls = get_method(spec.method)
     method_hp = resolve_hparams(cls, spec.hparams)
-    needs = cls.needs
-    plates_per_step = int(method_hp.get("plates_per_step", 1)) if needs.multi_plate else 1
-    cfg = StreamConfig(scheme=spec.split_scheme, split="train", batch_size=method_hp["batch_size"], train=True,
-                       plate_pure=needs.plate_pure, plates_per_step=plates_per_step, seed=spec.seed)
+    cfg = StreamConfig.for_training(cls.request_for(method_hp), spec.split_scheme, spec.seed)
     stream = PlateStream(ds, cfg, rank=0, world=workers)
     steps = stream.steps(0)
     if steps == 0:

@@ -4,14 +4,16 @@ Why not `ray.data.read_parquet`: on every dataset creation it samples files with
 (`_fetch_file_infos`), which cannot be scheduled while Train workers hold the CPUs (a deadlock with
 two concurrent runs on a small box), and it may split or merge files into blocks. Here the manifest
 already knows every part's rows and size, each read task runs platebench's validating reader (schema,
-row count, image byte length), and storage failures are retried with backoff inside the task, so a
-block is either a whole, valid part or an error: never a partial or duplicated one.
+row count, image byte length, and the sha256 of the bytes it fetched against the manifest), and storage
+failures are retried with backoff inside the task, so a block is either a whole, valid part or an error:
+never a partial, damaged or duplicated one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from platebench.datasets.errors import DatasetError, StorageError
 from platebench.datasets.manifest import Part
 from platebench.datasets.shards import ShardDataset
 from ray.data import Datasource, ReadTask
@@ -43,6 +45,21 @@ class PlateShardDatasource(Datasource):
 
 def _reader(dataset: ShardDataset, part: Part, retries: int, backoff_s: float):
     def read():
-        return [dataset.read_part(part, retries=retries, backoff_s=backoff_s)]
+        return [dataset.read_part(part, verify=True, retries=retries, backoff_s=backoff_s)]
 
     return read
+
+
+def plain_error(exc: BaseException) -> BaseException:
+    """A read task's DatasetError or StorageError as the one line its reader wrote.
+
+    Ray re-raises a task's error as a RayTaskError subclass of the original type (so `except DatasetError`
+    still holds), but its text is the worker's traceback, and Ray Data appends retry advice to the cause's
+    message: a run's failure would print all of it where one line naming the part is wanted.
+    """
+    from ray.exceptions import RayError
+
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayError) else None
+    if not isinstance(cause, (DatasetError, StorageError)):
+        return exc
+    return type(cause)((str(cause).splitlines() or [type(cause).__name__])[0])

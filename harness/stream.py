@@ -1,10 +1,12 @@
 """Plate-grouped streaming of a split from plate shards (local disk or S3) with Ray Data.
 
-Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads their
-parts with `ray.data.read_parquet` (legacy datasource, one block per part, order preserved so the
-epoch is reproducible) and turns blocks into batches with the re-batcher. The number of steps per
+Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads the parts
+it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one block per part, verified against
+its checksum, order preserved so the epoch is reproducible) and turns blocks into batches with the
+re-batcher. The number of steps per
 epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
-never wait on a rank that ran dry (ray-research §3).
+never wait on a rank that ran dry (a rank whose stream ends early would leave the others waiting in an
+all-reduce).
 
 Why one Ray Data dataset per rank and epoch instead of Train's `streaming_split`: the split
 equalises rows, not plate-pure batches, and cannot keep plates disjoint across ranks.
@@ -13,7 +15,7 @@ equalises rows, not plate-pure batches, and cannot keep plates disjoint across r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -38,12 +40,22 @@ class StreamConfig:
     n_controls: int = 0
     seed: int = 0
     augment: str | None = None  # policy name, training only
-    read_cpus: float = 0.25  # per read task: leaves room beside Train workers (ray-research §7.3)
+    read_cpus: float = 0.25  # per read task (Launch.read_cpus): leaves CPU beside the Train workers for the reads
     prefetch_blocks: int = 4
     read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
     read_concurrency: int | None = None  # cap on concurrent read tasks (None: Ray Data decides)
     plates: tuple[str, ...] | None = None  # restrict to these plates (benchmarks, debugging)
     keep_ids: bool = False
+    channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: self-standardised images
+
+    @classmethod
+    def for_training(cls, request, scheme: str, seed: int, augment: str | None = None,
+                     read_cpus: float | None = None, channel_stats=None) -> StreamConfig:
+        """The training stream a method's DataRequest asks for (the one place a request becomes a stream)."""
+        return cls(scheme=scheme, split="train", batch_size=request.batch_size, train=True,
+                   plate_pure=request.plate_pure, plates_per_step=request.plates_per_step,
+                   n_controls=request.n_controls, seed=seed, augment=augment,
+                   read_cpus=cls.read_cpus if read_cpus is None else read_cpus, channel_stats=channel_stats)
 
     def rebatch_spec(self, epoch: int) -> RebatchSpec:
         return RebatchSpec(batch_size=self.batch_size, train=self.train, plate_pure=self.plate_pure,
@@ -144,6 +156,15 @@ class PlateStream:
     def steps(self, epoch: int) -> int:
         return self.plan(epoch)[1]
 
+    def warm(self, epoch: int = 0) -> None:
+        """Read this rank's parts of `epoch` into the part cache when it has room (a lane's start-up, timed
+        as such), so that the epoch's time is training or evaluation, not the stream's first reads."""
+        if self.cache.max_bytes <= 0:
+            return
+        plates, _ = self.plan(epoch)
+        for _ in self.blocks([p for p, _ in plates], epoch):
+            pass
+
     # -- reading ----------------------------------------------------------------------------
     def _parts(self, plates: list[str], epoch: int) -> list:
         parts = []
@@ -182,8 +203,9 @@ class PlateStream:
         if not parts:
             return
         import ray.data
+        from platebench.datasets.errors import DatasetError, StorageError
 
-        from .shard_source import PlateShardDatasource
+        from .shard_source import PlateShardDatasource, plain_error
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
@@ -191,8 +213,11 @@ class PlateStream:
         source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
         data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
                                         concurrency=self.config.read_concurrency)
-        yield from data.iter_batches(batch_size=None, batch_format="pyarrow",
-                                     prefetch_batches=self.config.prefetch_blocks)
+        try:
+            yield from data.iter_batches(batch_size=None, batch_format="pyarrow",
+                                         prefetch_batches=self.config.prefetch_blocks)
+        except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
+            raise plain_error(exc) from None
 
     def _masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         n = block.num_rows
@@ -239,10 +264,7 @@ class PlateStream:
     def _convert(self, item, g: torch.Generator):
         policy = self.config.augment if self.config.train else None
         if isinstance(item, list):
-            return [to_batch(it, self.manifest, self.domains, policy, g, self.config.keep_ids) for it in item]
-        return to_batch(item, self.manifest, self.domains, policy, g, self.config.keep_ids)
+            return [to_batch(it, self.manifest, self.domains, policy, g, self.config.keep_ids,
+                             self.config.channel_stats) for it in item]
+        return to_batch(item, self.manifest, self.domains, policy, g, self.config.keep_ids, self.config.channel_stats)
 
-
-def eval_config(base: StreamConfig, split: str, batch_size: int, n_controls: int = 0) -> StreamConfig:
-    return replace(base, split=split, batch_size=batch_size, train=False, plates_per_step=1, plate_pure=True,
-                   n_controls=n_controls, augment=None)

@@ -18,7 +18,7 @@ from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import filesystem, join
 
 from .errors import HarnessError
-from .records import read_records
+from .records import overall, read_records
 from .runner import Launch, fit_run, read_done
 from .runspec import build_specs
 from .selection import select_epoch
@@ -74,9 +74,7 @@ def run_trial(config: dict, cfg: SweepConfig, launch: Launch, experiment: str) -
     done = read_done(trial_launch, spec.run_id)
     if done is not None:  # the same sample was trained before (e.g. a repeated choice): replay its curve
         rows = read_records(trial_launch.storage, trial_launch.options, run_ids=[spec.run_id]).to_pylist()
-        curve = sorted((r["epoch"], r["value"]) for r in rows if r["split_role"] == "val" and r["protocol"] == "main"
-                       and r["domain_kind"] == "all" and r["metric"] == "accuracy")
-        for epoch, value in curve:
+        for epoch, value in sorted(overall(rows, role="val").items()):
             tune.report({METRIC: value, "epoch": epoch})
         return
     if launch.mlflow is not None:
@@ -171,7 +169,7 @@ def run_sweep(cfg: SweepConfig, launch: Launch, resume: bool = False) -> dict:
     fs, path = pyarrow_filesystem(join(launch.storage, "tune"), launch.options)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, cfg=cfg, launch=launch, experiment=experiment),
-        {"cpu": 0.01})  # the trial only drives its TorchTrainer; Tune rejects 0 (ray-research §4)
+        {"cpu": 0.01})  # the trial only drives its TorchTrainer; Tune rejects 0
     exp_path = f"{path}/{experiment}"
     exists = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if exists and not resume:
@@ -234,12 +232,15 @@ def select_best(cfg: SweepConfig, launch: Launch, experiment: str, trials: list[
 
 
 def write_best(best: dict, launch: Launch) -> str:
-    """Merge into `<storage>/best_configs.json` ({method: {hparams, trials, ...}}), read by the leaderboard."""
+    """Merge the selected configuration into `<storage>/best_configs.json` (harness/best_configs.py's schema),
+    which the leaderboard reads."""
+    from . import best_configs
+
     fs, root = filesystem(launch.storage, launch.options)
-    path = join(root, "best_configs.json")
-    current = json.loads(fs.cat_file(path)) if fs.exists(path) else {}
-    current[best["method"]] = {"hparams": best["hparams"], "trials": best["trials"], "value": best["value"],
-                               "selection_split": best["selection_split"], "selection_rule": best["selection_rule"],
-                               "experiment": best["experiment"]}
-    fs.pipe_file(path, json.dumps(current, indent=1, sort_keys=True).encode())
+    path = join(root, best_configs.FILE_NAME)
+    current = best_configs.parse(json.loads(fs.cat_file(path)), path) if fs.exists(path) else {}
+    current[best["method"]] = best_configs.BestConfig(
+        hparams=best["hparams"], trials=best["trials"], value=best["value"], selection_split=best["selection_split"],
+        selection_rule=best["selection_rule"], experiment=best["experiment"])
+    fs.pipe_file(path, best_configs.dumps(current).encode())
     return path

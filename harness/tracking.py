@@ -10,11 +10,13 @@ run ends.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 from .errors import HarnessError
 
@@ -32,6 +34,49 @@ class MlflowTarget:
 
 def default_uri(out_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1, localhost (and 0.0.0.0 / ::, which a client reaches on its own host)."""
+    if not host:
+        return False
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+def worker_tracking_uri(uri: str, driver_ip: str | None, nodes: int, cluster: bool = False) -> str:
+    """The tracking URI as the driver, Train workers and Tune trials on every node must use it.
+
+    On one machine (one node, or every node on loopback: the driver node's address is 127.0.0.1) `uri` as given.
+    On a cluster (`nodes` > 1 or `cluster`: joined with --address) a loopback host would be each worker's own node,
+    so it becomes the driver node's address; a file store (sqlite:///, a path) exists on the driver's node only and
+    is refused. A password in the URI is refused everywhere: the URI travels to every worker and into messages.
+    """
+    parsed = urlparse(uri)
+    if parsed.password:
+        raise HarnessError("the MLflow URI carries a password, which would travel to every worker and into logs; "
+                           "give the URI without it and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                           "(an MLflow server with --app-name basic-auth)")
+    if (nodes <= 1 and not cluster) or is_loopback(driver_ip):
+        return uri
+    fix = "use --mlflow-uri http://<head-ip>:5000 (the MLflow server on the head node) or --no-mlflow"
+    # MLflow reads a URI without a scheme as a local path, "databricks" aside
+    if parsed.scheme in ("file", "sqlite") or (not parsed.scheme and uri not in ("databricks", "databricks-uc")):
+        raise HarnessError(f"MLflow store {uri} is a file on the driver's node, which Train workers on other nodes "
+                           f"cannot reach; {fix}")
+    if not is_loopback(parsed.hostname):
+        return uri
+    if not driver_ip:
+        raise HarnessError(f"MLflow URI {uri} is this node's loopback, which workers on other nodes cannot reach, "
+                           f"and the driver node's address is unknown; {fix}")
+    host = f"[{driver_ip}]" if ":" in driver_ip else driver_ip
+    netloc = (f"{parsed.username}@" if parsed.username else "") + host + (f":{parsed.port}" if parsed.port else "")
+    return urlunparse(parsed._replace(netloc=netloc))
 
 
 def git_commit() -> str | None:
@@ -130,7 +175,7 @@ def epoch_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-PHASES = ("train", "val", "tests")
+PHASES = ("train", "val", "tests", "representation")
 
 
 class BackgroundTracker:

@@ -23,12 +23,14 @@ import torch
 from platebench.datasets.errors import DatasetError
 from platebench.datasets.shards import ShardDataset, open_dataset
 from platebench.methods import Method, MethodError, get_method
+from platebench.methods.base import resolve_hparams
 
 from . import checkpointing, faults
 from .errors import HarnessError
-from .evaluate import Evaluator, main_value
+from .evaluate import Evaluator
 from .jobs import Job
-from .records import read_records, write_epoch_records
+from .records import main_value, read_records, write_epoch_records
+from .representation import analyze, tracking_metrics, training_batches
 from .runspec import RunSpec, task_spec
 from .schedule import lr_factor
 from .selection import LEADERBOARD_RULES, select_epoch
@@ -108,7 +110,8 @@ class JobRun:
         self.launch = lane.launch
         self.training = job.training
         self.store = checkpointing.TrainingStore(self.launch.storage, self.launch.options, self.training.training_id)
-        self.timings: dict = {"setup_s": 0.0, "train_s": 0.0, "eval_s": {}, "epochs": 0}
+        self.timings: dict = {"setup_s": 0.0, "train_s": 0.0, "eval_s": {}, "representation_s": {}, "epochs": 0,
+                              "train_images": 0}
 
     # -- helpers ---------------------------------------------------------------------------------
     def _run_done(self, spec: RunSpec) -> dict | None:
@@ -144,22 +147,44 @@ class JobRun:
         seed_all(self.training.seed)  # same seed on every rank: identical initial parameters
         trainer = get_method(self.training.method)(task, self.training.hparams, self.training.backbone).to(device)
         protocols = {r.run_id: get_method(r.method)(task, r.hparams, r.backbone).to(device) for r in todo}
-        evaluators = {r.run_id: Evaluator(ds, r, protocols[r.run_id], lane.rank, lane.world, device, lane.cache)
-                      for r in todo}
+        self.channel_stats = self._channel_stats(ds)
+        evaluators = {r.run_id: Evaluator(ds, r, protocols[r.run_id], lane.rank, lane.world, device, lane.cache,
+                                          self.channel_stats) for r in todo}
         self._open_tracking(todo)
         self.timings["setup_s"] = time.perf_counter() - t0
 
         finished = self.store.read_done()
         if finished is None:
-            self._train(ds, trainer, todo, protocols, evaluators)
-        epochs = self.job.epochs
+            self._train(ds, task, trainer, todo, protocols, evaluators)
+            finished = self.store.read_done() if lane.rank == 0 else None
+        from platebench.methods.distributed import all_gather_objects
+
+        epochs = all_gather_objects([finished["epochs"] if lane.rank == 0 else None])[0]  # < planned: stopped early
         for spec in todo:  # protocols that missed epochs (added later, or replayed): from the kept weights
             self._catch_up(spec, protocols[spec.run_id], evaluators[spec.run_id], epochs)
         self._record_placement(todo)
-        results = [self._finish(spec, protocols[spec.run_id], evaluators[spec.run_id]) for spec in todo]
+        results = [self._finish(spec, protocols[spec.run_id], evaluators[spec.run_id], epochs) for spec in todo]
         lane.tracker.close(self.training.training_id)
         lane.tracker.flush()
         return [*({**d, "skipped": True} for d in done.values() if d is not None), *results]
+
+    def _channel_stats(self, ds):
+        """Per-channel training statistics for `normalize: dataset` (None: images are self-standardised),
+        computed once per training and stored beside its weights."""
+        from platebench.methods.distributed import all_gather_objects
+
+        from .channel_stats import channel_stats
+
+        if self.training.hparams["normalize"] != "dataset":
+            return None
+        stats = None
+        if self.lane.rank == 0:
+            stats = self.store.read_json("channel_stats.json")
+            if stats is None:
+                stats = channel_stats(ds, self.training.split_scheme, "train", self.lane.cache)
+                self.store.write_json("channel_stats.json", stats)
+        mean, std = all_gather_objects([stats])[0]
+        return tuple(mean), tuple(std)
 
     def _open_tracking(self, todo: list[RunSpec]) -> None:
         tracker, t = self.lane.tracker, self.training
@@ -180,7 +205,21 @@ class JobRun:
                          parent_key=t.training_id, tags={"platebench.run_id": spec.run_id,
                                                          "platebench.training_id": t.training_id})
 
-    def _train(self, ds, trainer: Method, todo, protocols, evaluators) -> None:
+    def _monitor(self, ds, task, todo, protocols, evaluators):
+        """(method instance, evaluator) whose overall validation metric early stopping watches: the trained
+        method's own protocol, evaluated even when its run is not in this job (never recorded then)."""
+        import dataclasses
+
+        for spec in todo:
+            if spec.method == self.training.method:
+                return spec, protocols[spec.run_id], evaluators[spec.run_id]
+        own = dataclasses.replace(todo[0], method=self.training.method,
+                                  hparams=resolve_hparams(get_method(self.training.method), self.training.hparams))
+        method = get_method(own.method)(task, own.hparams, own.backbone).to(self.lane.device)
+        return own, method, Evaluator(ds, own, method, self.lane.rank, self.lane.world, self.lane.device,
+                                      self.lane.cache, self.channel_stats)
+
+    def _train(self, ds, task, trainer: Method, todo, protocols, evaluators) -> None:
         import ray.train
 
         lane, launch, t = self.lane, self.launch, self.training
@@ -190,13 +229,20 @@ class JobRun:
             trainer.load_checkpoint_state(resumed[0])
             state = resumed[1]
         hp, epochs = t.hparams, self.job.epochs
-        req = trainer.data_request()
-        stream = PlateStream(ds, StreamConfig(
-            scheme=t.split_scheme, split="train", batch_size=req.batch_size, train=True, plate_pure=req.plate_pure,
-            plates_per_step=req.plates_per_step, n_controls=req.n_controls, seed=t.seed, augment=hp["augment"],
-            read_cpus=launch.read_cpus), lane.rank, lane.world, lane.cache)
+        stream = PlateStream(ds, StreamConfig.for_training(
+            trainer.data_request(), t.split_scheme, t.seed, hp["augment"], launch.read_cpus, self.channel_stats),
+            lane.rank, lane.world, lane.cache)
+        t_warm = time.perf_counter()
+        stream.warm(state.epoch)
+        for evaluator in evaluators.values():
+            evaluator.warm(evaluator.val_splits)
+        self.timings["setup_s"] += time.perf_counter() - t_warm
         fault = faults.parse(launch.fault)
+        patience = hp["early_stop_patience"]
+        monitor = self._monitor(ds, task, todo, protocols, evaluators) if patience else None
         for epoch in range(state.epoch, epochs):
+            if patience and should_stop([h["monitor"] for h in state.history], hp["early_stop_metric"], patience):
+                break  # resumed after the stopping epoch's checkpoint
             self._progress(epoch + 1, "training")
             t0 = time.perf_counter()
             seed_all(t.seed * 7919 + lane.rank * 104729 + epoch)  # per-rank noise, reproducible after resume
@@ -208,6 +254,7 @@ class JobRun:
                 faults.maybe_fail(fault, launch.storage, launch.options, t.training_id, epoch, i, lane.rank)
                 trainer.set_lr_factor(lr_factor(epoch, i, steps, epochs, hp["warmup_epochs"], hp["schedule"]))
                 batch = [b.to(lane.device) for b in batch] if isinstance(batch, list) else batch.to(lane.device)
+                self.timings["train_images"] += sum(len(b) for b in batch) if isinstance(batch, list) else len(batch)
                 for k, v in trainer.training_step(batch).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
             trainer.sync_buffers()
@@ -217,14 +264,22 @@ class JobRun:
             if lane.rank == 0:
                 self.store.save_weights(epoch + 1, weights)
             self._progress(epoch + 1, "validation")
-            vals = {}
+            vals, all_rows = {}, {}
             for spec in todo:
                 rows = self._validate(spec, protocols[spec.run_id], evaluators[spec.run_id], weights, epoch + 1)
-                vals[spec.run_id] = main_value(rows, evaluators[spec.run_id].scheme.selection_split)
+                vals[spec.run_id], all_rows[spec.run_id] = main_value(rows, evaluators[spec.run_id].scheme
+                                                                      .selection_split), rows
             train_metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
             state.epoch = epoch + 1
-            state.history.append({"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds,
-                                  **train_metrics})
+            entry = {"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds, **train_metrics}
+            if monitor is not None:
+                spec, method, evaluator = monitor
+                rows = all_rows.get(spec.run_id)
+                if rows is None:
+                    method.load_state_dict(weights)
+                    rows = evaluator.main(method, epoch + 1, evaluator.val_splits)
+                entry["monitor"] = main_value(rows, evaluator.scheme.selection_split, hp["early_stop_metric"])
+            state.history.append(entry)
             if lane.rank == 0:
                 lane.tracker.log_metrics(t.training_id, {"train/seconds": train_seconds,
                                                          **{f"train/{k[6:]}": v for k, v in train_metrics.items()}},
@@ -233,9 +288,12 @@ class JobRun:
             first = vals.get(todo[0].run_id)
             ray.train.report({"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds,
                               "val_accuracy": first if first is not None else float("nan"), **train_metrics})
-        self.timings["epochs"] = epochs
+            if patience and should_stop([h["monitor"] for h in state.history], hp["early_stop_metric"], patience):
+                break
+        self.timings["epochs"] = state.epoch
         if lane.rank == 0:
-            self.store.write_done({"training": t.to_dict(), "epochs": epochs, "history": state.history,
+            self.store.write_done({"training": t.to_dict(), "epochs": state.epoch, "planned_epochs": epochs,
+                                   "stopped_early": state.epoch < epochs, "history": state.history,
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def _validate(self, spec: RunSpec, method: Method, evaluator: Evaluator, weights: dict, epoch: int) -> list[dict]:
@@ -295,11 +353,13 @@ class JobRun:
             out = {"chosen": sorted(chosen or {epochs}), "best": best, "last_val": val}
         return all_gather_objects([out])[0]
 
-    def _finish(self, spec: RunSpec, method: Method, evaluator: Evaluator) -> dict:
+    def _finish(self, spec: RunSpec, method: Method, evaluator: Evaluator, epochs: int) -> dict:
+        """Test splits at the selectable epochs, TTA sweeps, tracking and the run's done marker (`epochs`:
+        those the training ran)."""
         from .code_identity import commit
         from .runner import write_run_done
 
-        lane, epochs = self.lane, self.job.epochs
+        lane = self.lane
         selection = self._selection(spec, epochs)
         chosen, best = selection["chosen"], selection["best"]
         self._progress(epochs, f"test splits of {spec.method}")
@@ -312,6 +372,16 @@ class JobRun:
             if epoch == best and evaluator.track == "tta":
                 self._progress(epochs, f"TTA sweeps of {spec.method}")
                 self._write(spec, epoch, self._timed_eval(spec.run_id, evaluator.sweeps, method, epoch), "sweeps")
+            if epoch == (best or max(chosen)):
+                self._progress(epochs, f"representation of {spec.method}")
+                t0 = time.perf_counter()
+                analysis = self._timed_eval(spec.run_id, analyze, method, evaluator, training_batches(evaluator),
+                                            epoch)
+                self.timings["representation_s"][spec.run_id] = time.perf_counter() - t0
+                self._write(spec, epoch, analysis.rows, kind="representation")
+                if lane.rank == 0 and analysis.rows:
+                    lane.tracker.log_metrics(spec.run_id, tracking_metrics(analysis.rows), epoch, "representation")
+                    lane.tracker.log_text(spec.run_id, "representation/bn_shift.json", _json(analysis.bn_shift))
         result = {}
         if lane.rank == 0:
             lane.tracker.log_text(spec.run_id, "config.json", _json(spec.to_dict()))
@@ -325,10 +395,47 @@ class JobRun:
                 "final_metrics": {"epoch": epochs, "val_accuracy": selection["last_val"]},
                 "timings": {"setup_s": self.timings["setup_s"], "training_s": self.timings["train_s"],
                             "evaluation_s": self.timings["eval_s"].get(spec.run_id, 0.0),
-                            "trained_epochs": self.timings["epochs"], "lane": lane.name},
+                            # part of evaluation_s: the representation analysis at the selected epoch
+                            "representation_s": self.timings["representation_s"].get(spec.run_id, 0.0),
+                            "trained_epochs": self.timings["epochs"], "lane": lane.name,
+                            # images of rank 0 (each rank trains its own plates): x workers for the whole job
+                            "train_images_rank0": self.timings["train_images"]},
+                "environment": _environment(),
+                "resources": {"workers": lane.world, "cpus_per_worker": self.launch.cpus_per_worker,
+                              "gpus_per_worker": 1 if self.launch.use_gpu else 0,
+                              "device": _device_name(lane.device)},
                 "placement": self.placement, "mlflow_gaps": list(lane.tracker.gaps.get(spec.run_id, [])),
                 "mlflow_run_id": lane.tracker.run_ids.get(spec.run_id)})
         return result
+
+
+def _environment() -> dict:
+    """The versions a run trained with (bundles and leaderboards report them)."""
+    import platform
+    from importlib.metadata import version
+
+    import ray
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "platebench": version("platebench")}
+
+
+def _device_name(device) -> str:
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def should_stop(values: list[float | None], metric: str, patience: int) -> bool:
+    """Early stopping: the last `patience` epochs brought no improvement of the validation `metric` (lower
+    loss or higher accuracy) over the best epoch before them."""
+    if len(values) <= patience or any(v is None for v in values):
+        return False
+    sign = -1.0 if metric == "loss" else 1.0
+    best_before = max(sign * v for v in values[:-patience])
+    return all(sign * v <= best_before for v in values[-patience:])
 
 
 def _json(obj) -> str:

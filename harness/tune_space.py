@@ -139,10 +139,17 @@ def parse(data: Any, where: str, dataset: str | None = None) -> SearchSpace:
 def _check_method_params(method: str, params: dict[str, Param], where: str) -> None:
     from platebench.methods import get_method
 
-    known = get_method(method).all_defaults()
-    bad = sorted(set(params) - set(known))
+    specs = get_method(method).param_specs()
+    bad = sorted(set(params) - set(specs))
     if bad:
         raise HarnessError(f"{where}: {bad} are not hyperparameters of method {method!r}")
+    for name, p in params.items():
+        spec = specs[name]
+        values = p.values if p.distribution == "choice" else (p.low, p.high)
+        outside = [v for v in values if not spec.valid(v)]
+        if outside:
+            raise HarnessError(f"{where}: params.{name}: {outside[0]!r} is not a valid value of {method!r}'s "
+                               f"{name} ({spec.describe()})")
 
 
 def load(path: str | Path, dataset: str | None = None) -> SearchSpace:
@@ -150,7 +157,12 @@ def load(path: str | Path, dataset: str | None = None) -> SearchSpace:
 
 
 def for_method(method: str, dataset: str | None = None, path: str | None = None) -> SearchSpace:
-    file = Path(path) if path else spaces_dir() / f"{method}.yaml"
+    """The space to search for `method`: `path` if given, else the one its class ships (`search_space`, for
+    methods installed from other packages), else platebench's published `tune_spaces/<method>.yaml`."""
+    from platebench.methods import get_method
+
+    shipped = get_method(method).search_space
+    file = Path(path) if path else Path(shipped) if shipped else spaces_dir() / f"{method}.yaml"
     space = load(file, dataset)
     if space.method != method:
         raise HarnessError(f"{file}: is the space of {space.method!r}, not {method!r}")

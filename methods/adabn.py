@@ -11,15 +11,16 @@ from dataclasses import replace
 
 import torch
 
-from .base import Batch, DataRequest, MethodError, Needs
+from .base import Batch, DataRequest, Needs
 from .blocks.bn import batch_stats
 from .blocks.plate_steps import require_plate_pure
 from .erm import ERM
+from .hparams import Param
 from .registry import register
 
 ADAPT_MODES = {
-    "batch": "statistics of each plate-pure evaluation batch",
     "plate": "statistics of the whole plate: evaluate with eval batch size = full plate",
+    "batch": "statistics of each plate-pure evaluation batch",
 }
 
 
@@ -40,28 +41,22 @@ class BatchStatsMethod(ERM):
 
 @register("adabn")
 class AdaBN(BatchStatsMethod):
-    """Train like ERM on mixed-plate batches; at test every BN layer uses the plate-pure test batch's statistics.
+    """Train like ERM on mixed-plate batches; at test every BN layer uses the statistics of the test domain.
 
-    `adapt`: "batch" (per-batch variant, methods-research §3.2 (a): the main evaluation uses test batches of
-    `batch_size`) or "plate" (full-domain variant (b): the main evaluation hands over each whole plate as
-    one batch, records' eval_batch_size 0). Both are also measured across the batch-size sweep. For
-    plates too large for one forward,
-    `blocks.bn.adapt_to_domain` computes the exact full-plate statistics from chunks into the running
-    buffers (then predict in eval mode with `self.network`).
+    `adapt`: "plate" (default; the reference form: Li et al. replace each BN layer's statistics with those of
+    the whole target domain, and the domain here is the plate: the main evaluation hands over each whole
+    plate as one batch, records' eval_batch_size 0) or "batch" (each plate-pure test batch of `batch_size`
+    gives its own statistics). Both are also measured across the batch-size sweep.
     """
 
     needs = Needs(plate_pure=False)
-    defaults = {"adapt": "batch"}
+    defaults = {"adapt": Param("plate", choices=tuple(ADAPT_MODES))}
     trains_as = "erm"
     predict_hparams = frozenset({"adapt"})
     summary = "ERM training; BN statistics of the (plate-pure) test batch at prediction time."
 
-    def data_request(self) -> DataRequest:
-        request = super().data_request()
-        return replace(request, eval_batch_size=0) if self.hparams["adapt"] == "plate" else request
+    @classmethod
+    def request_for(cls, hparams) -> DataRequest:
+        request = super().request_for(hparams)
+        return replace(request, eval_batch_size=0) if hparams["adapt"] == "plate" else request
 
-    def build(self) -> None:
-        if self.hparams["adapt"] not in ADAPT_MODES:
-            raise MethodError(f"method 'adabn': hyperparameter 'adapt' must be one of {sorted(ADAPT_MODES)}, "
-                              f"got {self.hparams['adapt']!r}")
-        super().build()

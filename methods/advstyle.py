@@ -1,4 +1,4 @@
-"""AdvStyle / ASA (Zhang et al., arXiv 2301.12643; methods-research §3.8): adversarially learned style noise.
+"""AdvStyle / ASA (Zhang et al., arXiv 2301.12643): adversarially learned style noise.
 
 Reference: paper "Adversarial Style Augmentation for Domain Generalization"; code
 github.com/YBZh/AdvStyle (layer `Dassl.pytorch/dassl/modeling/ops/advstyle.py`, trainer

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from .adabn import BatchStatsMethod
-from .base import Batch, DataRequest, Needs, as_list, queries_with_labels
+from .base import Batch, Needs, as_list, queries_with_labels
 from .blocks.bn import forward_per_group, groups_from_sizes
 from .blocks.plate_steps import require_plate_pure
-from .grouping import check_plates_per_step, multi_plate_request
+from .grouping import check_plates_per_step
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
@@ -31,8 +31,6 @@ class ARMBN(BatchStatsMethod):
         check_plates_per_step(self)
         super().build()
 
-    def data_request(self) -> DataRequest:
-        return multi_plate_request(self)
 
     def forward_meta_batch(self, batches: list[Batch]) -> tuple[torch.Tensor, Batch]:
         """Logits of the concatenated query rows, each plate chunk normalised with its own statistics."""

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from . import distributed
+from .hparams import COMMON_PARAMS, Param, param_of
 
 TRACKS = ("standard", "tta")
-DOMAIN_KINDS = ("plate", "batch", "source", "cell_type")
 
 
 class MethodError(ValueError):
@@ -56,14 +56,15 @@ class Needs:
 
 @dataclass(frozen=True)
 class DataRequest:
-    """What the stream must deliver for this method instance (derived from its hyperparameters)."""
+    """What the stream must deliver for a method: derived once, by `Method.request_for`, from its `needs` and
+    the hyperparameters with the conventional names (`batch_size`; `n_controls` and `eval_n_controls` with
+    Needs(controls=True); `plates_per_step` with Needs(multi_plate=True))."""
 
     batch_size: int
     plate_pure: bool
     n_controls: int = 0  # control rows appended to each training batch
     plates_per_step: int = 1
     eval_n_controls: int = 0  # control rows appended to each evaluation batch
-    domain_kind: str = "plate"  # which Batch.domains entry the method's domain losses use
     eval_batch_size: int | None = None  # tta methods' main test batch size (None: batch_size; 0: whole plate)
 
 
@@ -128,44 +129,34 @@ def as_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
     return [batches] if isinstance(batches, Batch) else list(batches)
 
 
-# Hyperparameters every method has. They drive the harness's optimiser, schedule and stream.
-COMMON_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "weight_decay": 1e-5,
-    "optimizer": "adam",  # adam | adamw | sgd
-    "momentum": 0.9,  # sgd only
-    "batch_size": 32,
-    "epochs": 10,
-    "warmup_epochs": 0,
-    "schedule": "cosine",  # cosine | constant
-    "grad_clip": 0.0,  # 0 disables
-    "augment": "flip-rot90",  # stream augmentation policy (harness/augment.py): none | flip | flip-rot90 | ...
-}
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+COMMON_DEFAULTS: dict[str, Any] = {k: p.default for k, p in COMMON_PARAMS.items()}
 
 
 def resolve_hparams(cls: type, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """Defaults of `cls` (common + its own) updated by `overrides`. Unknown keys are errors.
 
     Values are coerced to the type of the default (so CLI strings such as "0.1" work); a value that
-    cannot be coerced is an error naming the key.
+    cannot be coerced, or lies outside its declared range (`Param`), is an error naming the key and value.
     """
-    defaults = {**COMMON_DEFAULTS, **cls.defaults}
-    out = dict(defaults)
+    specs = cls.param_specs()
+    out = {k: p.default for k, p in specs.items()}
     for key, value in (overrides or {}).items():
-        if key not in defaults:
+        if key not in specs:
             import difflib
 
-            close = difflib.get_close_matches(key, list(defaults), n=1)
+            close = difflib.get_close_matches(key, list(specs), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise MethodError(f"method {cls.name!r}: unknown hyperparameter {key!r}{hint} "
-                              f"(known: {', '.join(sorted(defaults))})")
-        out[key] = _coerce(cls.name, key, value, defaults[key])
-    if out["optimizer"] not in _OPTIMIZERS:
-        raise MethodError(f"method {cls.name!r}: hyperparameter 'optimizer' must be one of {sorted(_OPTIMIZERS)}, "
-                          f"got {out['optimizer']!r}")
-    if out["schedule"] not in ("cosine", "constant"):
-        raise MethodError(f"method {cls.name!r}: hyperparameter 'schedule' must be cosine or constant")
+                              f"(known: {', '.join(sorted(specs))})")
+        out[key] = _coerce(cls.name, key, value, specs[key].default)
+    for key, value in out.items():
+        if not specs[key].valid(value):
+            raise MethodError(f"method {cls.name!r}: hyperparameter {key!r} must be {specs[key].describe()}, "
+                              f"got {value!r}")
+    if out["warmup_epochs"] >= out["epochs"] and out["warmup_epochs"]:
+        raise MethodError(f"method {cls.name!r}: hyperparameter 'warmup_epochs' must be below epochs "
+                          f"({out['epochs']}), got {out['warmup_epochs']}")
     return out
 
 
@@ -212,6 +203,9 @@ class Method(nn.Module):
     # the claim (identical weights after a few steps from the same seed).
     trains_as: ClassVar[str | None] = None
     predict_hparams: ClassVar[frozenset[str]] = frozenset()
+    # The published search space of an out-of-tree method, shipped with its package (a YAML path); built-in
+    # methods' spaces are platebench/tune_spaces/<name>.yaml.
+    search_space: ClassVar[str | None] = None
 
     def __init__(self, task: TaskSpec, hparams: Mapping[str, Any] | None = None, backbone: str = "resnet-tiny"):
         super().__init__()
@@ -241,12 +235,25 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def embed(self, batch: Batch) -> torch.Tensor:
-        """Features [B, D] for every row of `batch` (controls included)."""
-        raise NotImplementedError
+        """Features [B, D] for every row of `batch` (controls included), with the same test-time rules as
+        `predict`. Default: the featurizer of `self.network` in the module's current mode; override when
+        prediction uses test-time statistics or the method has no `network`."""
+        network = getattr(self, "network", None)
+        if network is None or not hasattr(network, "embed"):
+            raise NotImplementedError(f"method {self.name!r} has no `network`: override embed()")
+        return network.embed(batch.images)
+
+    @classmethod
+    def request_for(cls, hparams: Mapping[str, Any]) -> DataRequest:
+        """What the stream must deliver for these (resolved) hyperparameters; see DataRequest."""
+        controls, multi = cls.needs.controls, cls.needs.multi_plate
+        return DataRequest(batch_size=hparams["batch_size"], plate_pure=cls.needs.plate_pure,
+                           n_controls=hparams.get("n_controls", 0) if controls else 0,
+                           eval_n_controls=hparams.get("eval_n_controls", 0) if controls else 0,
+                           plates_per_step=hparams.get("plates_per_step", 1) if multi else 1)
 
     def data_request(self) -> DataRequest:
-        """What the stream must deliver; override when controls or several plates are needed."""
-        return DataRequest(batch_size=self.hparams["batch_size"], plate_pure=self.needs.plate_pure)
+        return self.request_for(self.hparams)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """One optimiser over all parameters by default; methods with adversaries return several."""
@@ -317,8 +324,13 @@ class Method(nn.Module):
         return {k: v for k, v in hparams.items() if k not in cls.predict_hparams}
 
     @classmethod
+    def param_specs(cls) -> dict[str, Param]:
+        """Every hyperparameter (common and the method's own) with its valid values."""
+        return {**COMMON_PARAMS, **{k: param_of(v) for k, v in cls.defaults.items()}}
+
+    @classmethod
     def all_defaults(cls) -> dict[str, Any]:
-        return {**COMMON_DEFAULTS, **cls.defaults}
+        return {k: p.default for k, p in cls.param_specs().items()}
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -331,6 +343,3 @@ def queries_with_labels(batch: Batch) -> torch.Tensor:
     """Mask of rows that carry a class label and are not controls (the rows a loss uses)."""
     return batch.queries & (batch.labels >= 0)
 
-
-def needs_fields() -> list[str]:
-    return [f.name for f in fields(Needs)]

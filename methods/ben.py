@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from .adabn import BatchStatsMethod
-from .base import Batch, DataRequest, Needs, as_list, queries_with_labels
+from .base import Batch, Needs, as_list, queries_with_labels
 from .blocks.plate_steps import accumulate_per_plate, require_plate_pure
-from .grouping import check_plates_per_step, multi_plate_request
+from .grouping import check_plates_per_step
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
@@ -28,8 +28,6 @@ class BEN(BatchStatsMethod):
         check_plates_per_step(self)
         super().build()
 
-    def data_request(self) -> DataRequest:
-        return multi_plate_request(self)
 
     def plate_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """CE of one plate forwarded on its own (train mode: BN uses this plate's statistics)."""

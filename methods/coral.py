@@ -1,4 +1,4 @@
-"""Deep CORAL (Sun & Saenko 2016; DomainBed/WILDS form; methods-research §3.11) across the plates of a step.
+"""Deep CORAL (Sun & Saenko 2016; DomainBed/WILDS form) across the plates of a step.
 
 Each step receives `plates_per_step` plate-pure batches (the groups). The penalty, averaged over all
 pairs of groups (a, b) with at least 2 rows each, is mean_c(μ_a − μ_b)² + mean_{c,c'}(Cov_a − Cov_b)²
@@ -13,7 +13,7 @@ import torch
 
 from .base import Batch, Needs, as_list, queries_with_labels
 from .erm import ERM
-from .grouping import check_plates_per_step, multi_plate_request, plate_positions
+from .grouping import check_plates_per_step, plate_positions
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
@@ -43,8 +43,6 @@ class CORAL(ERM):
         super().build()
         check_plates_per_step(self, minimum=2)
 
-    def data_request(self):
-        return multi_plate_request(self)
 
     def training_step(self, batches: Batch | list[Batch]) -> dict[str, float]:
         batches = as_list(batches)

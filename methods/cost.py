@@ -14,8 +14,8 @@ time.perf_counter (CUDA synchronised before and after). Peak memory:
 * CPU elsewhere: the growth of resource.getrusage's ru_maxrss, a process-wide high-water mark that
   only moves once the process exceeds its earlier peak ("ru_maxrss_delta"; run in a fresh process).
 
-`compare_to_erm` measures several methods and ERM on the same backbone and batch and adds the
-ratios; `platebench perf methods` prints them.
+`platebench perf methods` (harness/perf/methods.py) measures every method and ERM on the same backbone and
+batch, each in a fresh process, and prints the ratios.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -126,16 +126,3 @@ def measure_step_cost(method_name: str, backbone: str = "resnet-tiny", batch_siz
             "seconds_per_image": seconds / max(1, images), "peak_mem_bytes": int(peak),
             "memory_measure": measure}
 
-
-def compare_to_erm(method_names: Iterable[str], **kwargs: Any) -> dict[str, dict[str, Any]]:
-    """measure_step_cost for ERM and each method with the same arguments, plus time/memory ratios to ERM."""
-    results = {"erm": measure_step_cost("erm", **kwargs)}
-    for name in method_names:
-        if name != "erm":
-            results[name] = measure_step_cost(name, **kwargs)
-    base = results["erm"]
-    for res in results.values():
-        res["time_vs_erm"] = res["step_seconds"] / base["step_seconds"]
-        res["per_image_vs_erm"] = res["seconds_per_image"] / base["seconds_per_image"]
-        res["mem_vs_erm"] = res["peak_mem_bytes"] / base["peak_mem_bytes"] if base["peak_mem_bytes"] > 0 else None
-    return results

@@ -10,7 +10,7 @@ with their pooled statistics (running buffers unused), query logits returned.
 Defaults differ from the paper for CPU runs: n_controls = eval_n_controls = 32 (paper 128),
 batch_size L = 32 (paper 64), plates_per_step 4 (paper 8); constant learning rate as in the paper.
 The paper body was not retrievable; the method is taken from the official code (github ml-jku/cs-arm-bn,
-read at commit e091e7e8b70c9bfcb458c2ae5568dab7cc80b586; methods-research §3.5).
+read at commit e091e7e8b70c9bfcb458c2ae5568dab7cc80b586).
 
 `stats_from` picks the statistics (all options apply to training and prediction alike):
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from .adabn import BatchStatsMethod
-from .base import Batch, DataRequest, MethodError, Needs, as_list, queries_with_labels
+from .base import Batch, MethodError, Needs, as_list, queries_with_labels
 from .blocks.bn import batch_stats, rows_stats, running_stats_from
 from .blocks.plate_steps import accumulate_per_plate, require_controls, require_plate_pure
 from .network import accuracy, masked_cross_entropy
@@ -70,11 +70,6 @@ class CSARMBN(BatchStatsMethod):
                 raise MethodError(f"method {self.name!r}: hyperparameter {key!r} must be >= {minimum} "
                                   f"(stats_from={hp['stats_from']!r}), got {hp[key]!r}")
         super().build()
-
-    def data_request(self) -> DataRequest:
-        hp = self.hparams
-        return DataRequest(batch_size=hp["batch_size"], plate_pure=True, n_controls=hp["n_controls"],
-                           plates_per_step=hp["plates_per_step"], eval_n_controls=hp["eval_n_controls"])
 
     def context_logits(self, batch: Batch, n_controls: int, hparam: str) -> torch.Tensor:
         """Logits of every row, each BN layer normalised with the context statistics (buffers untouched)."""

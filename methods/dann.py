@@ -7,7 +7,7 @@ the reversed gradient −λ·w·∂CE_d/∂z, makes domains indistinguishable. T
 (plate-pure batches would show D one domain per batch). Test: D is dropped; prediction is ERM's
 (standard track). Not the transductive variant of the JUMP repo (no unlabelled test images are fed).
 The discriminator's shape, w = 0.5 and its 0.1× learning rate follow the JUMP repo (github
-ml-jku/cs-arm-bn, config/trainer/dann.yaml, model/gradrev.yaml; methods-research §3.10).
+ml-jku/cs-arm-bn, config/trainer/dann.yaml, model/gradrev.yaml).
 
 λ schedule (`grl_schedule`). Default "ganin": the paper's λ_p = 2/(1 + exp(−10p)) − 1 over training
 progress p ∈ [0, 1], as in the authors' reference loop (github fungtion/DANN train/main.py: at update i
@@ -29,7 +29,6 @@ every update against the fungtion/DANN formula, the loss, and the input gradient
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -99,9 +98,6 @@ class DANN(ERM):
         opt.add_param_group({"params": list(self.discriminator.parameters()),
                              "lr": self.hparams["lr"] * self.hparams["disc_lr_mult"]})
         return [opt]
-
-    def data_request(self):
-        return dataclasses.replace(super().data_request(), domain_kind=self.hparams["domain_kind"])
 
     # ---- λ_p schedule ----------------------------------------------------------------------------
     def progress(self) -> float:

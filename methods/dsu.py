@@ -1,4 +1,4 @@
-"""DSU — Domain Shifts with Uncertainty (Li et al., ICLR 2022; methods-research §3.7).
+"""DSU — Domain Shifts with Uncertainty (Li et al., ICLR 2022).
 
 Reference: paper "Uncertainty Modeling for Out-of-Distribution Generalization"; code
 github.com/lixiaotong97/DSU (`DistributionUncertainty`). After each stage in `layers`, with probability
@@ -21,7 +21,7 @@ from __future__ import annotations
 from .base import MethodError, Needs
 from .blocks.style import DSULayer, parse_insertion_points
 from .erm import ERM
-from .grouping import check_plates_per_step, multi_plate_request
+from .grouping import check_plates_per_step
 from .registry import register
 
 
@@ -51,5 +51,3 @@ class DSU(ERM):
         for point, layer in zip(points, self.style_layers):
             self.network.featurizer.set_insert(point, layer)
 
-    def data_request(self):
-        return multi_plate_request(self)

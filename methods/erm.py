@@ -32,6 +32,3 @@ class ERM(Method):
 
     def predict(self, batch: Batch) -> torch.Tensor:
         return self.network(batch.images[batch.queries])
-
-    def embed(self, batch: Batch) -> torch.Tensor:
-        return self.network.embed(batch.images)

@@ -1,4 +1,4 @@
-"""GroupDRO (Sagawa et al. 2020, "Distributionally robust neural networks for group shifts"; methods-research §3.12).
+"""GroupDRO (Sagawa et al. 2020, "Distributionally robust neural networks for group shifts").
 
 Reference: the WILDS form, github p-lambda/wilds examples/algorithms/groupDRO.py (read at commit
 0b18b1ed2b0504c1170c0de0a6ec3ffaab62f9d5). Groups are the ids of `domain_kind` (default "batch", the
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import distributed
 from .base import Batch, MethodError, Needs, as_list, queries_with_labels
 from .erm import ERM
-from .grouping import check_domain_kind, check_plates_per_step, domain_ids, multi_plate_request
+from .grouping import check_domain_kind, check_plates_per_step, domain_ids
 from .network import accuracy
 from .registry import register
 
@@ -75,8 +75,6 @@ class GroupDRO(ERM):
         self.register_buffer("log_w", torch.zeros(n))
         self.register_buffer("seen", torch.full((n,), hp["q_groups"] == "all"))
 
-    def data_request(self):
-        return multi_plate_request(self, self.hparams["domain_kind"])
 
     @property
     def q(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import DOMAIN_KINDS, Batch, DataRequest, Method, MethodError
+from .base import Batch, Method, MethodError
 
 
 def check_plates_per_step(method: Method, minimum: int = 1) -> int:
@@ -24,17 +24,12 @@ def check_plates_per_step(method: Method, minimum: int = 1) -> int:
     return n
 
 
-def multi_plate_request(method: Method, domain_kind: str = "plate") -> DataRequest:
-    hp = method.hparams
-    n = hp["plates_per_step"]
-    return DataRequest(batch_size=hp["batch_size"], plate_pure=True, plates_per_step=n, domain_kind=domain_kind)
-
-
 def check_domain_kind(method: Method, need_count: bool) -> str:
     """The method's `domain_kind` hyperparameter, validated (and its domain count present when needed)."""
     kind = method.hparams["domain_kind"]
-    if kind not in DOMAIN_KINDS:
-        raise MethodError(f"method {method.name!r}: hyperparameter 'domain_kind' must be one of {DOMAIN_KINDS}, "
+    known = sorted(method.task.num_domains)  # the kinds the data has (the harness fills them from the manifest)
+    if kind not in known:
+        raise MethodError(f"method {method.name!r}: hyperparameter 'domain_kind' must be one of {known}, "
                           f"got {kind!r}")
     if need_count and method.task.num_domains.get(kind, 0) < 1:
         raise MethodError(f"method {method.name!r}: TaskSpec.num_domains has no count for domain kind {kind!r} "

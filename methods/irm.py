@@ -1,4 +1,4 @@
-"""IRM — IRMv1 (Arjovsky et al. 2019), WILDS form (methods-research §3.13).
+"""IRM — IRMv1 (Arjovsky et al. 2019), WILDS form (examples/algorithms/IRM.py).
 
 Groups are the ids of `domain_kind` (default "batch", as WILDS RxRx1). For each group e present:
 R_e = mean CE, and penalty_e = (∂R_e¹/∂w)·(∂R_e²/∂w) at w = 1, where R_e¹, R_e² are the CE of w·logits
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .base import Batch, MethodError, Needs, as_list, queries_with_labels
 from .erm import ERM
-from .grouping import check_domain_kind, check_plates_per_step, domain_ids, multi_plate_request
+from .grouping import check_domain_kind, check_plates_per_step, domain_ids
 from .network import accuracy
 from .registry import register
 
@@ -63,8 +63,6 @@ class IRM(ERM):
             raise MethodError(f"method {self.name!r}: anneal_steps and penalty_weight must be >= 0")
         self.update_count = 0
 
-    def data_request(self):
-        return multi_plate_request(self, self.hparams["domain_kind"])
 
     def current_penalty_weight(self) -> float:
         hp = self.hparams

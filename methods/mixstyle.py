@@ -1,4 +1,4 @@
-"""MixStyle (Zhou et al., ICLR 2021; methods-research §3.6): mix instance feature statistics across plates.
+"""MixStyle (Zhou et al., ICLR 2021): mix instance feature statistics across plates.
 
 Reference: paper "Domain Generalization with MixStyle"; code github.com/KaiyangZhou/mixstyle-release
 (`MixStyle`). After each backbone stage in `layers`, with probability `p`, every sample's detached channel
@@ -21,7 +21,7 @@ from __future__ import annotations
 from .base import Batch, MethodError, Needs, as_list
 from .blocks.style import MixStyleLayer, parse_insertion_points
 from .erm import ERM
-from .grouping import check_plates_per_step, multi_plate_request, plate_positions
+from .grouping import check_plates_per_step, plate_positions
 from .registry import register
 
 
@@ -61,8 +61,6 @@ class MixStyle(ERM):
         for point, layer in zip(points, self.style_layers):
             self.network.featurizer.set_insert(point, layer)
 
-    def data_request(self):
-        return multi_plate_request(self)
 
     def training_step(self, batches: Batch | list[Batch]) -> dict[str, float]:
         batches = as_list(batches)

@@ -12,7 +12,8 @@ AssertionErrors that say what was expected.
 
 Checks (CHECKS): declarations, loss_decreases, predict_shape, track (standard: a prediction does not
 depend on the rest of its batch; tta: it does, and never on the running statistics of trained BN
-layers), checkpoint (checkpoint_state round trip), shared_training (a method declaring `trains_as` ends a
+layers), checkpoint (checkpoint_state round trip), reproducible (same seed, same batches: same weights),
+shared_training (a method declaring `trains_as` ends a
 few steps with the weights of that method), ddp (2 CPU ranks, gloo, different data, identical parameters
 after the steps). Only torch is needed; the DDP check forks ranks from a forkserver,
 so a plain script calling it needs the usual `if __name__ == "__main__":` guard (pytest does not).
@@ -222,6 +223,19 @@ def check_checkpoint(cls: type[Method], hparams=None, backbone: str = "resnet-ti
     _assert_close(want, got, f"{cls.name}: predictions differ after the checkpoint round trip")
 
 
+def check_reproducible(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 3) -> None:
+    """Two instances built and trained from the same seed on the same batches end with identical weights and
+    buffers: a run's id (a hash of its seed and configuration) names one result."""
+    states = []
+    for _ in range(2):
+        method = build(cls, hparams, backbone, seed=5)
+        torch.manual_seed(6)  # the method's own noise (style layers, CutMix, dropout)
+        _train(method, steps, seed=7)
+        states.append(method.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), f"{cls.name}: {key!r} differs between two same-seed trainings"
+
+
 def check_shared_training(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 3) -> None:
     """A method that declares `trains_as` trains exactly as that method: from the same seed and batches, a few
     steps leave identical parameters and buffers (so the harness may train once and evaluate both)."""
@@ -305,9 +319,10 @@ def _single_threaded(check: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-(check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint,
+(check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint, check_reproducible,
  check_shared_training) = (_single_threaded(c) for c in (check_declarations, check_loss_decreases, check_predict_shape,
-                                                         check_track, check_checkpoint, check_shared_training))
+                                                         check_track, check_checkpoint, check_reproducible,
+                                                         check_shared_training))
 
 CHECKS: dict[str, Callable[..., None]] = {
     "declarations": check_declarations,
@@ -315,6 +330,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "predict_shape": check_predict_shape,
     "track": check_track,
     "checkpoint": check_checkpoint,
+    "reproducible": check_reproducible,
     "shared_training": check_shared_training,
     "ddp": check_ddp,
 }
@@ -329,6 +345,7 @@ def check_method(cls: type[Method], hparams: Mapping[str, Any] | None = None, ba
 
 
 __all__ = ["ATOL", "CHECKS", "KIT_HPARAMS", "TASK", "build", "check_checkpoint", "check_ddp", "check_declarations",
-           "check_loss_decreases", "check_method", "check_predict_shape", "check_shared_training", "check_track",
+           "check_loss_decreases", "check_method", "check_predict_shape", "check_reproducible", "check_shared_training",
+           "check_track",
            "eval_batch", "mixed_batch",
            "synthetic_batch", "training_batches"]

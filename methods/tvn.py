@@ -25,7 +25,7 @@ from torch import nn
 
 from . import distributed
 from .backbones import build_backbone, load_torchvision_state_dict
-from .base import Batch, DataRequest, Method, MethodError, Needs, as_list, queries_with_labels
+from .base import Batch, Method, MethodError, Needs, as_list, queries_with_labels
 from .blocks.plate_steps import require_controls, require_plate_pure
 from .blocks.tvn import TVNFit, fit_tvn, tvn_transform
 from .network import accuracy, masked_cross_entropy
@@ -91,11 +91,6 @@ class TVN(Method):
         self._bank_rows = 0
         self._steps = 0
         self._refit_pending = False
-
-    def data_request(self) -> DataRequest:
-        hp = self.hparams
-        return DataRequest(batch_size=hp["batch_size"], plate_pure=True, n_controls=hp["n_controls"],
-                           eval_n_controls=hp["eval_n_controls"])
 
     def train(self, mode: bool = True) -> TVN:
         super().train(mode)

@@ -23,7 +23,7 @@ def ray_session():
     """A loopback-only local Ray shared by the whole session (started on first use).
 
     4 logical CPUs on a 2-core box: Ray Data read tasks need CPUs beside the Train workers
-    (ray-research §3, "Feeding from Ray Data"), and Tune trials reserve one CPU each.
+    (without spare CPUs the stream's read tasks never run), and Tune trials reserve one CPU each.
     """
     import ray
 
@@ -109,6 +109,10 @@ def tiny_dataset(tmp_path_factory):
 def _no_proxy(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    # `main([... "--s3-endpoint", URL])` in-process sets these for the process (as the CLI must, for its Ray
+    # workers); a later test's subprocess would inherit a dead endpoint. Each test starts from the session's.
+    for key in ("PLATEBENCH_S3_ENDPOINT", "PLATEBENCH_S3_ANON", "PLATEBENCH_S3_REGION"):
+        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture

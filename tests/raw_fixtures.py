@@ -1,4 +1,4 @@
-"""Small, format-faithful raw layouts for ingestion tests (datasets-research Part E).
+"""Small, format-faithful raw layouts for ingestion tests (the layouts the README's Datasets section describes).
 
 - RxRx1: metadata.csv (11 columns) + 6 grayscale 8-bit PNGs per site; two cell types, controls, both sites.
 - RxRx1-WILDS: rxrx1_v1.0/RELEASE_v1.0.txt + metadata.csv (dataset train/val/test) + RGB PNGs, contiguous

@@ -107,6 +107,21 @@ class ClaimsErmTrainingButScalesLoss(AdaBN):
         return {"loss": float(loss)}
 
 
+class UnseededNoise(ERM):
+    """Scales its loss by noise from a generator seeded from the clock: two same-seed trainings differ."""
+
+    name = "kit-unseeded-noise"
+
+    def training_step(self, batches):
+        import time
+
+        batch = Batch.concat(as_list(batches))
+        noise = torch.rand((), generator=torch.Generator().manual_seed(time.perf_counter_ns()))
+        loss = (1 + noise) * masked_cross_entropy(self.network(batch.images), batch.labels, queries_with_labels(batch))
+        self.optimizer_step(self.optimizers[0], loss)
+        return {"loss": float(loss.detach())}
+
+
 class PredictHparamThatTrains(ERM):
     """Keeps a training hyperparameter out of the training identity by calling it predict-only."""
 
@@ -123,6 +138,7 @@ class PredictHparamThatTrains(ERM):
     (PredictsControls, "predict_shape", r"predict gave \(9, 3\), expected \(5, 3\)"),
     (ForgetsHeadInCheckpoint, "checkpoint", "'network.classifier.weight' differs"),
     (ClaimsErmTrainingButScalesLoss, "shared_training", "declares trains_as='erm', but 'network.*' differs"),
+    (UnseededNoise, "reproducible", "differs between two same-seed trainings"),
     (PredictHparamThatTrains, "shared_training", r"predict_hparams \['no_such_hparam'\] are not all"),
 ])
 def test_kit_rejects_broken_methods(cls, check, message):

@@ -16,12 +16,13 @@ def _evaluator(tmp_path, method, hparams):
 
 def test_standard_methods_use_the_fixed_eval_batch_and_tta_methods_their_own(tmp_path):
     assert _evaluator(tmp_path, "erm", {"batch_size": 8}).main_batch == 64
-    tta = _evaluator(tmp_path, "adabn", {"batch_size": 8})
+    tta = _evaluator(tmp_path, "arm-bn", {"batch_size": 8})
     assert (tta.track, tta.main_batch, tta.main_controls) == ("tta", 8, 0)
 
 
-def test_adabn_full_plate_variant_evaluates_whole_plates(tmp_path):
-    assert _evaluator(tmp_path, "adabn", {"adapt": "plate"}).main_batch == 0  # 0 = the whole plate
+def test_adabn_evaluates_whole_plates_by_default_and_batches_on_request(tmp_path):
+    assert _evaluator(tmp_path, "adabn", {}).main_batch == 0  # 0 = the whole plate (the reference form)
+    assert _evaluator(tmp_path, "adabn", {"adapt": "batch", "batch_size": 8}).main_batch == 8
 
 
 def test_control_context_methods_evaluate_with_their_controls(tmp_path):

@@ -20,9 +20,10 @@ def test_verify_fails_naming_the_damaged_plate_and_part(tmp_path, capsys):
     data = bytearray(part.read_bytes())
     data[-40] ^= 0x55
     part.write_bytes(bytes(data))
-    assert main(["inspect", root, "--verify"]) == 1
+    assert main(["inspect", root, "--verify"]) == 2
     err = capsys.readouterr().err
     assert "DAMAGED" in err and "plates/b2p1/part-00000.parquet" in err
+    assert err.rstrip().splitlines()[-1] == f"platebench inspect: error: {root}: verify found 1 of 6 parts damaged"
 
 
 def test_list_split_prints_image_ids(tmp_path, capsys):

@@ -3,7 +3,17 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from platebench.harness.rebatch import RebatchSpec, count_steps, plate_batch_count, rebatch
+from platebench.harness.rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
+
+
+def rebatch(triples, spec):
+    """Feed (block, query mask, control mask) triples through a Rebatcher, as the stream does."""
+    rb = Rebatcher(spec)
+    for block, qmask, cmask in triples:
+        rb.push(block, qmask, cmask)
+        yield from rb.pop()
+    rb.finish()
+    yield from rb.pop()
 
 
 def _block(plate: str, n: int, start: int = 0, controls: int = 0) -> pa.Table:

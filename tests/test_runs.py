@@ -26,7 +26,7 @@ def _record_files(out) -> dict[str, float]:
 
 def _assert_complete(out, epochs):
     """Validation at every epoch; the test splits exactly at the epochs a selection rule can choose (the best
-    validation epoch, the earliest of ties, and the last); no duplicates."""
+    validation accuracy and the lowest validation loss, the earliest of ties, and the last); no duplicates."""
     import json
 
     t = read_records(str(out)).to_pandas()
@@ -40,10 +40,13 @@ def _assert_complete(out, epochs):
         val = rows[rows.split == "val"].set_index("epoch").value
         assert sorted(val.index) == list(range(1, epochs + 1))
         best = int(val[val == val.max()].index.min())
+        losses = main_rows[(main_rows.run_id == run_id) & (main_rows.split == "val") & (main_rows.metric == "loss")
+                           & (main_rows.domain_kind == "all")].set_index("epoch").value
+        lowest = int(losses[losses == losses.min()].index.min())
         for split in ("id_test", "test"):
-            assert set(rows[rows.split == split].epoch) == {best, epochs}
+            assert set(rows[rows.split == split].epoch) == {best, lowest, epochs}
         done = json.loads(Path(out, "runs", run_id, "done.json").read_text())
-        assert done["selected_epoch"] == best and set(done["selectable_epochs"]) == {best, epochs}
+        assert done["selected_epoch"] == best and set(done["selectable_epochs"]) == {best, lowest, epochs}
     return t
 
 
@@ -134,3 +137,31 @@ def test_storage_without_write_permission_fails_before_training(small_ds, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "storage s3://pb-readonly/runs is not writable" in err
     assert not os.path.exists(tmp_path / "records")
+
+
+class _Payload:
+    """Pickled, this would create `path` when unpickled: what an attacker plants in a shared bucket."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resume_refuses_a_checkpoint_that_is_not_tensors_only(small_ds, tmp_path, capsys):
+    import pickle
+
+    out = tmp_path / "out"
+    assert _run(small_ds, out, "--inject-fault", "epoch=2,step=0,rank=0,mode=raise", "--max-failures", "0",
+                "--no-mlflow", epochs=3) == 2
+    (state,) = Path(out, "trainings").glob("*/state.pt")
+    marker = tmp_path / "executed"
+    state.write_bytes(pickle.dumps({"method": _Payload(str(marker)), "train": {}}))
+    capsys.readouterr()
+    assert _run(small_ds, out, "--no-mlflow", epochs=3) == 2
+    err = capsys.readouterr().err
+    assert "state.pt: not a tensors-only checkpoint, refusing to load it" in err
+    assert not marker.exists()  # nothing from storage was executed
+    assert not list(Path(out, "runs").glob("*/done.json"))

@@ -5,15 +5,11 @@ import random
 
 import pyarrow as pa
 import pytest
+from platebench.harness.best_configs import parse as parse_best_configs
+from platebench.harness.configs import choose_configs
 from platebench.harness.errors import HarnessError
-from platebench.harness.records import read_records, records_table, write_epoch_records
-from platebench.harness.selection import (
-    choose_configs,
-    parse_best_configs,
-    select_epoch,
-    selected_results,
-    validate,
-)
+from platebench.harness.records import read_records, records_table, validate, write_epoch_records
+from platebench.harness.selection import select_epoch, selected_results
 
 # val peaks at epoch 2, test at epoch 3, id_test at epoch 1: any rule reading a test split would move.
 VAL = {1: 0.30, 2: 0.40, 3: 0.35}
@@ -45,7 +41,6 @@ def run_rows(run_id="r0", offset=0.0, **kw):
 def test_val_selection_picks_validation_peak():
     sel = select_epoch(run_rows())
     assert (sel.epoch, sel.split, sel.rule, sel.value) == (2, "val", "val", 0.40)
-    assert sel.for_leaderboard
 
 
 def test_selection_never_reads_test_splits():
@@ -73,12 +68,10 @@ def test_ties_go_to_earliest_epoch():
 
 def test_last_epoch_and_oracle():
     rows = run_rows()
-    assert select_epoch(rows, "last-epoch") == select_epoch(rows, "last-epoch")
     last = select_epoch(rows, "last-epoch")
     assert (last.epoch, last.split, last.value) == (3, None, None)
     oracle = select_epoch(rows, "oracle", oracle_split="test")
     assert (oracle.epoch, oracle.split, oracle.value) == (3, "test", 0.45)
-    assert not oracle.for_leaderboard
     with pytest.raises(HarnessError, match="oracle_split"):
         select_epoch(rows, "oracle")
     with pytest.raises(HarnessError, match="unknown selection rule 'best'"):
@@ -153,25 +146,40 @@ def test_choose_configs_best_mean_validation():
 
 def test_choose_configs_with_best_configs_mapping():
     sel = selected_results(_two_config_rows())
-    c = choose_configs(sel, {"mixstyle": {"hparams": {"p": 0.1}, "trials": 20}})
+    c = choose_configs(sel, parse_best_configs({"mixstyle": {"hparams": {"p": 0.1}, "trials": 20}}))
     got = c[("synth", "official", "mixstyle", "standard")]
     assert (json.loads(got.hparams), got.rule, got.trials) == ({"p": 0.1}, "best-configs", 20)
     assert got.val_mean == pytest.approx(0.38)
-    c2 = choose_configs(sel, {"mixstyle": {"hparams": '{"p": 0.5}'}})  # a JSON string works too
+    c2 = choose_configs(sel, parse_best_configs({"mixstyle": {"hparams": '{"p": 0.5}', "trials": 3}}))  # JSON str
     assert json.loads(c2[("synth", "official", "mixstyle", "standard")].hparams) == {"p": 0.5}
     with pytest.raises(HarnessError, match="config .* has no records"):
-        choose_configs(sel, {"mixstyle": {"hparams": {"p": 0.3}}})
+        choose_configs(sel, parse_best_configs({"mixstyle": {"hparams": {"p": 0.3}, "trials": 3}}))
     with pytest.raises(HarnessError, match=r"method\(s\) \['dsu'\] have no records"):
-        choose_configs(sel, {"dsu": {"hparams": {}}})
+        choose_configs(sel, parse_best_configs({"dsu": {"hparams": {}, "trials": 3}}))
 
 
 def test_parse_best_configs_is_strict():
     with pytest.raises(HarnessError, match="unknown key"):
-        parse_best_configs({"erm": {"hparams": {}, "trails": 3}})
+        parse_best_configs({"erm": {"hparams": {}, "trials": 3, "trails": 3}})
     with pytest.raises(HarnessError, match="'trials' must be a positive integer"):
         parse_best_configs({"erm": {"hparams": {}, "trials": "20"}})
-    with pytest.raises(HarnessError, match="expected an object with key 'hparams'"):
+    with pytest.raises(HarnessError, match="expected an object with keys 'hparams' and 'trials'"):
         parse_best_configs({"erm": {"lr": 1}})
+    with pytest.raises(HarnessError, match="'value' has the wrong type"):
+        parse_best_configs({"erm": {"hparams": {}, "trials": 2, "value": "high"}})
+
+
+def test_what_a_sweep_writes_the_leaderboard_reads(tmp_path):
+    """One schema: the sweep's writer output parses, with every field it wrote."""
+    from platebench.harness import sweep
+    from platebench.harness.runner import Launch
+
+    best = {"method": "abra", "hparams": {"lr": 0.001}, "trials": 8, "value": 0.61, "selection_split": "val",
+            "selection_rule": "ood-validation", "experiment": "sweep-abra-x"}
+    path = sweep.write_best(best, Launch(storage=str(tmp_path)))
+    (got,) = parse_best_configs(json.loads(open(path).read())).values()
+    assert (got.hparams, got.trials, got.value, got.selection_rule, got.experiment) == \
+        ({"lr": 0.001}, 8, 0.61, "ood-validation", "sweep-abra-x")
 
 
 def test_empty_table_selects_nothing():
@@ -186,3 +194,11 @@ def test_validate_refuses_nan_and_nulls():
         validate(records_table([row(value=float("nan"))]))
     with pytest.raises(HarnessError, match="field 'seed' has 1 empty"):
         validate(records_table([row(seed=None)]))
+
+
+def test_val_loss_selects_the_lowest_validation_loss_and_reports_the_test_splits_there():
+    rows = run_rows()  # validation loss lowest at epoch 3, validation accuracy highest at epoch 2
+    assert select_epoch(rows, "val-loss").epoch == 3 and select_epoch(rows, "val").epoch == 2
+    table = selected_results(records_table(rows), "val-loss")
+    got = {(r["split"], r["domain_kind"]): r["value"] for r in table.to_pylist()}
+    assert got[("test", "all")] == TEST[3] and got[("id_test", "all")] == ID_TEST[3]

@@ -20,7 +20,8 @@ from shard_fixtures import build_tiny_dataset
 
 def _sweep_args(ds, out, *extra):
     return ["sweep", "--data", ds, "--split-scheme", "new_batches", "--method", "abra", "--trials", "3",
-            "--epochs", "1", "--hparams", "batch_size=8", "--max-concurrent", "1", "--out", str(out), *extra]
+            "--epochs", "1", "--hparams", "batch_size=8", "warmup_epochs=0", "--max-concurrent", "1", "--out", str(out),
+            *extra]
 
 
 def _done_runs(out) -> list[Path]:
@@ -46,7 +47,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
         proc.wait()
         kill_ray_under(ray_tmp)
 
-    assert main(_sweep_args(ds, out, "--resume")) == 0
+    assert main(_sweep_args(ds, out, "--resume", "--final-seeds", "0", "1")) == 0
     best = json.loads((out / "best_config.json").read_text())
     assert {"method", "hparams", "metric", "value", "selection_split"} <= set(best)
     assert best["method"] == "abra" and best["selection_split"] == "val" and 0 <= best["value"] <= 1
@@ -59,7 +60,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     for d in done:
         run_id = d.parent.name
         files = sorted(p.name for p in (d.parents[2] / "records" / run_id).iterdir())
-        assert files == ["epoch-00001.parquet", "epoch-00001.tests.parquet"]
+        assert files == ["epoch-00001.parquet", "epoch-00001.representation.parquet", "epoch-00001.tests.parquet"]
 
     import mlflow
 
@@ -73,6 +74,12 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert {"step_size", "arcface_margin", "js_weight"} <= set(r.data.params)
     assert json.loads((out / "best_configs.json").read_text())["abra"]["trials"] == 3
+
+    # sweep -> final seeds -> leaderboard on one storage root: the table names the selected config and its trials
+    assert main(["leaderboard", "--records", str(out), "--baseline", "abra", "--out", str(out / "board")]) == 0
+    board = json.loads((out / "board" / "leaderboard.json").read_text())
+    row = next(r for t in board["tables"] if t["split"] == "test" for r in t["rows"] if r["method"] == "abra")
+    assert row["hparams"] == best["hparams"] and row["trials"] == 3 and row["n"] == 2
 
 
 def test_selection_reads_validation_only(tmp_path):

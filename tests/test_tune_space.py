@@ -15,6 +15,27 @@ def test_every_method_has_a_valid_published_space():
         assert set(space.params) <= set(cls_defaults)
 
 
+def test_every_published_space_starts_from_its_methods_defaults():
+    """The space's default configuration (evaluated first by every sweep) is the method's own."""
+    from platebench.methods import get_method
+
+    for method in names():
+        defaults = get_method(method).all_defaults()
+        for name, p in tune_space.for_method(method).params.items():
+            assert p.default == pytest.approx(defaults[name]), (method, name, p.default, defaults[name])
+
+
+def test_a_space_reaching_outside_the_methods_valid_values_is_refused(tmp_path):
+    data = {"method": "erm", "params": {"lr": {"distribution": "uniform", "low": -0.1, "high": 0.1,
+                                              "default": 0.001}}}
+    with pytest.raises(HarnessError, match=r"params.lr: -0.1 is not a valid value of 'erm''s lr \(in \(0, inf\)\)"):
+        tune_space.load(_write(tmp_path, data))
+    data = {"method": "erm", "params": {"optimizer": {"distribution": "choice", "values": ["adam", "lion"],
+                                                     "default": "adam"}}}
+    with pytest.raises(HarnessError, match="'lion' is not a valid value of 'erm''s optimizer"):
+        tune_space.load(_write(tmp_path, data))
+
+
 def test_abra_space_lists_the_papers_searched_quantities():
     space = tune_space.for_method("abra")
     dists = {k: p.distribution for k, p in space.params.items()}

@@ -1,4 +1,4 @@
-"""TVN (methods-research §3.14): the per-plate transform's invariances and the method around it."""
+"""TVN: the per-plate transform's invariances and the method around it."""
 
 from __future__ import annotations
 

@@ -99,9 +99,10 @@ class Preset:
 # strong enough to cost ERM >= 10 points on new batches and leave AdaBN a measurable gain.
 _QUICK = Preset(
     name="quickstart",
-    description="the default benchmark workload: 54 plates of 96 wells, 32 px, 3 labs, sized for a CPU run",
+    description="the default benchmark workload: 54 plates of 96 wells, 24 px, 3 labs, sized for a CPU run",
+    size=24,
     biology=Biology(class_effect=5.0, features_per_class=12),
-    effects=Effects(strength=1.25, interaction=1.3),
+    effects=Effects(strength=1.25, interaction=1.45, morphology=1.2),
 )
 
 PRESETS: dict[str, Preset] = {

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.session import add_launch_flags
+    from platebench.harness.commands.session import add_launch_flags
+    from platebench.harness.flags import non_negative_int, positive_int
 
     p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 5 seeds on quickstart) and "
                                      "write its leaderboard",
                        description="Generate the dataset if absent, train every (method, seed) of the suite as "
                                    "concurrent Ray Train runs, then write the leaderboard. Interrupt and re-run to "
                                    "finish only what is missing. Flags override the suite.")
-    p.add_argument("--config", metavar="FILE", help="suite YAML (default: the built-in quickstart suite)")
+    p.add_argument("--suite", metavar="NAME", help="a built-in suite by name (default: quickstart; see --list-suites)")
+    p.add_argument("--config", metavar="FILE", help="a suite YAML file of your own")
+    p.add_argument("--list-suites", action="store_true", help="list the built-in suites and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every resolved run (method, seed, every hyperparameter) and exit without training")
     p.add_argument("--preset", help="synthetic dataset preset (overrides the suite's dataset)")
     p.add_argument("--data", help="dataset URL (overrides the suite's dataset)")
     p.add_argument("--split-scheme")
     p.add_argument("--methods", nargs="+", help="method names (replace the suite's list)")
-    p.add_argument("--seeds", nargs="+", type=int)
-    p.add_argument("--epochs", type=int, help="epochs for every method")
+    p.add_argument("--seeds", nargs="+", type=non_negative_int)
+    p.add_argument("--epochs", type=positive_int, help="epochs for every method")
     p.add_argument("--backbone")
     p.add_argument("--baseline")
     p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
                    help="hyperparameter overrides for every method of the suite")
-    p.add_argument("--max-concurrent", type=int, help="runs trained at once (default: cores / workers)")
+    p.add_argument("--max-concurrent", type=positive_int, help="runs trained at once (default: cores / workers)")
     p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's quickstart-leaderboard block with the "
                                                    "test-split tables (how README.md's figures are produced)")
     add_launch_flags(p)
@@ -34,15 +39,15 @@ def _apply_flags(suite, args) -> None:
     if args.preset:
         suite.dataset = {"preset": args.preset, "seed": suite.dataset.get("seed", 0)}
     if args.data:
-        suite.dataset = {"url": args.data}
+        suite.dataset = {"url": args.data}  # a suite's `expects` stays: the dataset is checked against it
     if args.methods:
         suite.methods = {m: suite.methods.get(m, {}) for m in args.methods}
         if suite.baseline not in suite.methods:
             suite.baseline = args.methods[0]
     if args.hparams:
-        from platebench.harness.runspec import parse_hparams
+        from platebench.harness.flags import parse_pairs
 
-        common = parse_hparams(args.hparams)
+        common = parse_pairs("--hparams", args.hparams)
         suite.methods = {m: {**hp, **common} for m, hp in suite.methods.items()}
     for key in ("split_scheme", "seeds", "epochs", "backbone", "baseline", "workers"):
         value = getattr(args, key)
@@ -56,23 +61,44 @@ def run(args) -> int:
     from pathlib import Path
 
     from platebench.datasets.shards import open_dataset
-    from platebench.harness import bench, session
+    from platebench.harness import bench
+    from platebench.harness.commands import session
+    from platebench.harness.errors import HarnessError
     from platebench.harness.leaderboard import build_leaderboard
     from platebench.harness.records import read_records
     from platebench.harness.report import to_markdown, write_report
     from platebench.harness.runner import require_runs_ok, run_many
+    from platebench.harness.sources import read_done_markers
     from platebench.harness.tracking import end_parent
 
     t0 = time.time()
-    suite = bench.Suite.load(args.config) if args.config else bench.default_suite()
+    if args.list_suites:
+        for name, path in bench.builtin_suites().items():
+            s = bench.Suite.load(path)
+            data = s.dataset.get("preset") or s.expects or s.dataset.get("url")
+            print(f"{name:18s} {len(s.methods)} methods x {len(s.seeds)} seeds on {data} ({s.split_scheme}), "
+                  f"{s.backbone}: {', '.join(s.methods)}")
+        return 0
+    if args.suite and args.config:
+        raise HarnessError("give a built-in --suite NAME or a --config FILE, not both")
+    suite = bench.Suite.load(args.config) if args.config else bench.named_suite(args.suite or "quickstart")
     _apply_flags(suite, args)
+    if args.dry_run:
+        for method, seed, hp in bench.resolved_runs(suite):
+            print(f"{method} seed={seed} " + " ".join(f"{k}={v}" for k, v in sorted(hp.items())))
+        return 0
     args.workers = suite.workers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    session.start_ray(args)  # dataset generation runs on Ray too
+    # Everything that can be checked is checked before Ray starts: methods, hyperparameters, baseline, and the
+    # dataset when it exists already (a preset is generated on Ray, then checked).
+    bench.resolved_runs(suite)
+    url = bench.dataset_url(suite, out)
+    specs = bench.build_all_specs(suite, open_dataset(url)) if "url" in suite.dataset else None
+    session.start_ray(args)
     url = bench.ensure_dataset(suite, out)
     ds = open_dataset(url)
-    specs = bench.build_all_specs(suite, ds)  # every run validated before any training
+    specs = specs or bench.build_all_specs(suite, ds)
     mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}",
                                    parent_name=f"bench {suite.name}",
                                    params={"suite": suite.name, "data": url, "split_scheme": suite.split_scheme,
@@ -86,7 +112,8 @@ def run(args) -> int:
     records = read_records(launch.storage, launch.options, run_ids=[s.run_id for s in specs])
     files: list[str] = []
     if len(records):
-        board = build_leaderboard(records, baseline=suite.baseline)
+        done = read_done_markers(launch.storage, [s.run_id for s in specs], launch.options)
+        board = build_leaderboard(records, baseline=suite.baseline, rule=suite.selection, done=done)
         files = write_report(board, str(out))
         print(to_markdown(board))
         if args.readme:

@@ -8,11 +8,12 @@ options: JUMP's gallery bucket is public (anonymous, us-east-1) while the output
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 from platebench.datasets import jump_meta
 from platebench.datasets.storage import StorageOptions, absolute
+
+from ..flags import add_json_flag, add_ray_flags, write_json
 
 
 def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: bool = True) -> None:
@@ -28,11 +29,10 @@ def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: boo
     r = p.add_argument_group("execution")
     r.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray: a Ray Data job parallel over plates (default); local: one process, for debugging")
-    r.add_argument("--address", help="Ray cluster address (e.g. 'auto'); default: start a local Ray")
-    r.add_argument("--num-cpus", type=int, help="CPUs for a local Ray")
+    add_ray_flags(r)
     r.add_argument("--parallelism", type=int, help="at most this many plates in flight (bounds memory)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_flag(r, "the result")
 
 
 def _rxrx1_flags(p):
@@ -126,8 +126,8 @@ def run(args) -> int:
                         executor=args.executor, address=args.address, num_cpus=args.num_cpus,
                         parallelism=args.parallelism, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result, indent=1))
-    else:
+        write_json(result, args.json)
+    if args.json != "-":
         print(f"{result['dataset']}: wrote {result['images']} images ({result['plates_written']} plates written, "
               f"{result['plates_resumed']} kept from an earlier run, {result['skipped']} item(s) skipped) to "
               f"{result['out']} in {result['seconds']:.1f} s ({result['images_per_s']:.1f} images/s); "

@@ -9,7 +9,7 @@ def add_parser(sub):
     p = sub.add_parser("inspect", help="summarise a plate-shard dataset; --verify checks every checksum",
                        description="Print a dataset's manifest summary and per-split counts of plates, images and "
                                    "controls. With --verify, read every part and check its sha256, schema, row "
-                                   "count and image sizes (exit 1 naming each damaged part).")
+                                   "count and image sizes (exit 2, naming each damaged part).")
     p.add_argument("url", help="dataset root (local path or s3://bucket/prefix)")
     p.add_argument("--verify", action="store_true", help="check every part's checksum, schema and images")
     p.add_argument("--split-scheme", help="restrict counts to this split scheme (and use it with --list-split)")
@@ -89,7 +89,6 @@ def run(args) -> int:
     if problems:
         for line in problems:
             print(f"DAMAGED {line}", file=sys.stderr)
-        print(f"verify: {len(problems)} of {len(m.parts)} parts damaged", file=sys.stderr)
-        return 1
+        raise DatasetError(f"{ds.url}: verify found {len(problems)} of {len(m.parts)} parts damaged")
     print(f"verify: all {len(m.parts)} parts match their checksums")
     return 0

@@ -1,9 +1,10 @@
 """`platebench leaderboard`: tables, tests and plots from run records.
 
-    platebench leaderboard --records STORAGE --out DIR [--baseline erm] [--selection val|last-epoch]
-                           [--best-configs FILE]
+    platebench leaderboard --records STORAGE [STORAGE ...] --out DIR [--baseline erm]
+                           [--selection val|val-loss|last-epoch] [--best-configs FILE]
 
-Prints the Markdown tables to stdout and writes leaderboard.{md,csv,json,html} plus PNG plots to DIR.
+Prints the Markdown tables to stdout and writes leaderboard.{md,csv,json,html} plus PNG plots to DIR. Several
+--records (storage roots or bundles from `platebench export`) are merged by run id (harness/sources.py).
 """
 
 from __future__ import annotations
@@ -13,22 +14,29 @@ import sys
 
 from platebench.datasets.storage import describe_error, filesystem, join
 
+from ..best_configs import FILE_NAME as BEST_CONFIGS
+from ..best_configs import parse as parse_best_configs
 from ..errors import HarnessError
-from ..records import RECORDS_DIR
-
-BEST_CONFIGS = "best_configs.json"
+from ..selection import LEADERBOARD_RULES
+from ..sources import storage_root
 
 
 def add_parser(sub):
     p = sub.add_parser("leaderboard", help="build leaderboard tables, significance tests and plots from run records",
                        description="Build leaderboard tables (mean ± std over seeds, paired tests against the "
-                                   "baseline, Holm correction) and plots from run records.")
-    p.add_argument("--records", required=True, metavar="URL",
-                   help="storage root holding records/ (or the records/ folder itself): local path, file://, s3://")
+                                   "baseline, Holm correction) and plots from run records; across several datasets "
+                                   "or test splits, average ranks per track with a Friedman test and a "
+                                   "critical-difference diagram; each method's cost per run next to its accuracy. "
+                                   "Several storage roots or bundles are merged by run id.")
+    p.add_argument("--records", required=True, nargs="+", metavar="URL",
+                   help="storage roots or result bundles holding records/ (or records/ folders themselves): local "
+                        "path, file://, s3://; several are merged (a run found in several counts once; a run id with "
+                        "different numbers, or one dataset and scheme with different checksums, is refused)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write leaderboard.{md,csv,json,html} and PNGs")
     p.add_argument("--baseline", default="erm", help="method every row is compared with (default: erm)")
-    p.add_argument("--selection", choices=["val", "last-epoch"], default="val",
-                   help="epoch selection: best validation accuracy (default) or the last epoch")
+    p.add_argument("--selection", choices=list(LEADERBOARD_RULES), default="val",
+                   help="epoch selection: best validation accuracy (default), lowest validation loss, or the last "
+                        "epoch")
     p.add_argument("--best-configs", metavar="FILE",
                    help=f"JSON {{method: {{\"hparams\": ..., \"trials\": N}}}} fixing each method's config "
                         f"(default: {BEST_CONFIGS} next to records/ when present)")
@@ -50,36 +58,50 @@ def _read_json(url: str, required: bool):
         raise HarnessError(f"{url}: not valid JSON ({exc})") from None
 
 
-def load_best_configs(records_url: str, explicit: str | None):
-    """The --best-configs file, else best_configs.json beside records/ (the storage root), else None."""
+def load_best_configs(records_url: str | list[str], explicit: str | None):
+    """The --best-configs file, else best_configs.json beside records/ (the storage root), else None. With several
+    sources, the one file found among them; files that differ are refused (pass --best-configs)."""
     if explicit:
-        return _read_json(explicit, required=True), explicit
-    root = records_url.rstrip("/")
-    if root.endswith("/" + RECORDS_DIR) or root == RECORDS_DIR:
-        root = root[: -len(RECORDS_DIR)].rstrip("/") or "."
-    candidate = join(root, BEST_CONFIGS)
-    return _read_json(candidate, required=False), candidate
+        return parse_best_configs(_read_json(explicit, required=True), explicit), explicit
+    urls = [records_url] if isinstance(records_url, str) else list(records_url)
+    found = []
+    for url in urls:
+        candidate = join(storage_root(url), BEST_CONFIGS)
+        data = _read_json(candidate, required=False)
+        if data is not None:
+            found.append((candidate, data))
+    if not found:
+        return None, join(storage_root(urls[0]), BEST_CONFIGS)
+    for candidate, data in found[1:]:
+        if data != found[0][1]:
+            raise HarnessError(f"{found[0][0]} and {candidate} choose different configurations; pass --best-configs "
+                               "FILE to say which to use")
+    return parse_best_configs(found[0][1], found[0][0]), found[0][0]
 
 
 def run(args) -> int:
+    from .. import sources
     from ..leaderboard import build_leaderboard
-    from ..records import read_records
     from ..report import to_markdown, write_report
 
-    records = read_records(args.records)
-    if len(records) == 0:
-        raise HarnessError(f"no records under {args.records} (expected {RECORDS_DIR}/<run_id>/epoch-*.parquet)")
+    merged = sources.load(args.records)
     best, best_src = load_best_configs(args.records, args.best_configs)
     try:
-        board = build_leaderboard(records, baseline=args.baseline, rule=args.selection, best_configs=best)
+        board = build_leaderboard(merged.records, baseline=args.baseline, rule=args.selection, best_configs=best,
+                                  sources=merged.sources, done=merged.done)
     except HarnessError as exc:
         if best is not None and str(exc).startswith("best_configs"):
             raise HarnessError(f"{best_src}: {exc}") from None
         raise
     if best is not None:
         board["settings"]["best_configs"] = best_src
-    board["settings"]["records"] = args.records
+    board["settings"]["records"] = list(args.records)
+    board["settings"]["sources"] = merged.labels
+    board["settings"]["collapsed_duplicates"] = merged.collapsed
     files = write_report(board, args.out)
     sys.stdout.write(to_markdown(board))
+    if merged.collapsed:
+        print(f"{len(merged.collapsed)} run(s) found in several sources with identical records, counted once",
+              file=sys.stderr)
     print(f"wrote {len(files)} files to {args.out}", file=sys.stderr)
     return 0

@@ -1,26 +1,27 @@
-"""`platebench methods [NAME ...] [--json]`: every registered method, its track, context and hyperparameters."""
+"""`platebench methods [NAME ...] [--json [FILE]]`: every registered method, its track, context and hyperparameters."""
 
 from __future__ import annotations
 
 
 def add_parser(sub):
+    from platebench.harness.flags import add_json_flag
+
     p = sub.add_parser("methods", help="list methods (built-in and from installed plugins) with their track, "
                                        "needed context and hyperparameter defaults")
     p.add_argument("names", nargs="*", help="only these methods")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p, "the methods' descriptions")
     return p
 
 
 def run(args) -> int:
-    import json
-
+    from platebench.harness.flags import write_json
     from platebench.methods.base import COMMON_DEFAULTS
     from platebench.methods.registry import get_method, names
 
     chosen = args.names or names()
     described = [get_method(n).describe() for n in chosen]  # unknown names: error with the closest match
     if args.json:
-        print(json.dumps(described, indent=1, default=str))
+        write_json(described, args.json)
         return 0
     for d in described:
         own = {k: v for k, v in d["hparams"].items() if k not in COMMON_DEFAULTS or v != COMMON_DEFAULTS[k]}

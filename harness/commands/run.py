@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.session import add_launch_flags
+    from platebench.harness.commands.session import add_launch_flags
+    from platebench.harness.flags import non_negative_int, positive_int
 
     p = sub.add_parser("run", help="train one method for some seeds (Ray Train, DDP), evaluate every epoch",
                        description="Train METHOD on the dataset's split scheme for each seed, in Ray Train lanes. Runs "
@@ -13,22 +14,23 @@ def add_parser(sub):
     p.add_argument("--data", required=True, help="dataset root (dir or s3://)")
     p.add_argument("--split-scheme", required=True)
     p.add_argument("--method", required=True)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0])
     p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameter overrides")
-    p.add_argument("--epochs", type=int, help="shorthand for --hparams epochs=N")
+    p.add_argument("--epochs", type=positive_int, help="shorthand for --hparams epochs=N")
     p.add_argument("--backbone", default="resnet-tiny", help="resnet-tiny | resnet18 | resnet50 | densenet161 | ...")
-    p.add_argument("--max-concurrent", type=int, help="runs trained at once (default: cores / workers)")
+    p.add_argument("--max-concurrent", type=positive_int, help="runs trained at once (default: cores / workers)")
     add_launch_flags(p)
     return p
 
 
 def run(args) -> int:
     from platebench.datasets.shards import open_dataset
-    from platebench.harness import session
+    from platebench.harness.commands import session
+    from platebench.harness.flags import parse_pairs
     from platebench.harness.runner import require_runs_ok, run_many
-    from platebench.harness.runspec import build_specs, check_trainable, parse_hparams
+    from platebench.harness.runspec import build_specs, check_trainable
 
-    hparams = parse_hparams(args.hparams)
+    hparams = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:
         hparams["epochs"] = args.epochs
     ds = open_dataset(args.data)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.session import add_launch_flags
+    from platebench.harness.commands.session import add_launch_flags
+    from platebench.harness.flags import non_negative_int, positive_int
 
     p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune (Optuna TPE + ASHA); every trial is a "
                                      "Ray Train run",
@@ -15,16 +16,17 @@ def add_parser(sub):
     p.add_argument("--split-scheme", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--space", metavar="FILE", help="search space YAML (default tune_spaces/METHOD.yaml)")
-    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--trials", type=positive_int, default=8)
     p.add_argument("--search", choices=["optuna", "random"], default="optuna")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: cores / workers)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials' training seed")
-    p.add_argument("--epochs", type=int, help="epochs per trial (and final runs)")
+    p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: cores / workers)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the searcher and the trials' training seed")
+    p.add_argument("--epochs", type=positive_int, help="epochs per trial (and final runs)")
     p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="fixed (not searched) values")
     p.add_argument("--backbone", default="resnet-tiny")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
-    p.add_argument("--final-seeds", nargs="+", type=int, help="rerun the selected configuration on these seeds")
+    p.add_argument("--final-seeds", nargs="+", type=non_negative_int,
+                   help="rerun the selected configuration on these seeds")
     add_launch_flags(p)
     return p
 
@@ -34,13 +36,15 @@ def run(args) -> int:
     from pathlib import Path
 
     from platebench.datasets.shards import open_dataset
-    from platebench.harness import session, sweep, tune_space
+    from platebench.harness import sweep, tune_space
+    from platebench.harness.commands import session
+    from platebench.harness.flags import parse_pairs
     from platebench.harness.runner import require_runs_ok, run_many
-    from platebench.harness.runspec import build_specs, check_trainable, parse_hparams
+    from platebench.harness.runspec import build_specs, check_trainable
     from platebench.harness.tracking import end_parent
 
     ds = open_dataset(args.data)
-    fixed = parse_hparams(args.hparams)
+    fixed = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:
         fixed["epochs"] = args.epochs
     space = tune_space.for_method(args.method, ds.manifest.name, args.space)

@@ -15,6 +15,7 @@ from platebench.datasets.storage import StorageOptions, absolute
 from platebench.datasets.synth import PRESETS, get_preset, override_keys, plan
 
 from ..errors import HarnessError
+from ..flags import add_ray_flags, parse_pairs
 
 
 def add_parser(sub):
@@ -30,20 +31,9 @@ def add_parser(sub):
                    help="override a preset field, e.g. effects.strength=2 or layout.sources=4 (repeatable; "
                         "--list shows the keys)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
-    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray)")
+    add_ray_flags(p)
     p.add_argument("--list", action="store_true", help="list presets and override keys, then exit")
     return p
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise HarnessError(f"--set {item!r}: expected KEY=VALUE, e.g. effects.strength=2")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def run(args) -> int:
@@ -54,7 +44,7 @@ def run(args) -> int:
         return 0
     if not args.out:
         raise HarnessError("--out is required (a folder, file:// or s3:// URL)")
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_pairs("--set", args.overrides)
     if args.size is not None:
         overrides["size"] = args.size
     preset = get_preset(args.preset, overrides)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
-from pathlib import Path
+from collections.abc import Iterable
+
+from ..flags import write_json
+
+MACHINE_KEYS = ("benchmark", "cpus", "python", "torch", "gpu", "measured")
 
 
 def machine() -> dict:
@@ -17,15 +20,21 @@ def machine() -> dict:
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def emit(name: str, figures: dict, json_path: str | None) -> dict:
+def emit(name: str, figures: dict, json_path: str | None, keys: Iterable[str] | None = None) -> dict:
+    """Print and write `figures` (+ the machine). `keys`: the documented figure keys, which must be exactly these."""
     if "ratio" not in figures:
         raise ValueError(f"perf {name}: figures need a 'ratio'")
+    nested = sorted(k for k, v in figures.items() if isinstance(v, (dict, list, tuple, set)))
+    if nested:
+        raise ValueError(f"perf {name}: figures must be flat; nested values under {nested}")
+    if keys is not None and set(figures) != set(keys):
+        raise ValueError(f"perf {name}: figures differ from the documented keys (missing "
+                         f"{sorted(set(keys) - set(figures))}, undocumented {sorted(set(figures) - set(keys))})")
     out = {"benchmark": name, **figures, **machine()}
     width = max(len(k) for k in out)
     for key, value in out.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {shown}")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=1))
+        write_json(out, json_path)
     return out

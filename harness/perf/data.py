@@ -1,92 +1,165 @@
-"""Stream throughput: plate-pure batches decoded to standardised tensors, Ray Data stream vs plain pyarrow.
+"""Stream throughput: plate-pure batches decoded to standardised tensors, measured against three baselines.
 
-Both paths read the same parts with the same parallelism (threads for pyarrow, concurrent read tasks
-for Ray Data) and do the same per-batch work (decode, float conversion, self-standardisation), so
-the ratio isolates what Ray Data costs. The training rate is the quickstart model's (resnet-tiny,
-32 px, batch 32, one thread) images/s, measured in the same process: the stream must outpace it.
+All read the same parts (the labelled rows of the dataset's plates, or the first `limit_parts` parts'
+plates) and deliver the same batches: the same `Rebatcher` and `batching.to_batch` conversion.
+- stream: the harness's Ray Data `PlateStream`, `parallelism` concurrent read tasks;
+- pyarrow (the headline `ratio`'s baseline): the same stream with Ray Data's reads replaced by plain
+  pyarrow in `parallelism` threads, so the ratio isolates what Ray Data costs;
+- DataLoader: what a user would write without Ray, a torch DataLoader with `parallelism` worker
+  processes over a Dataset of plates, each item one plate's batches;
+- limit: what one core can do at best, Parquet/zstd decompression (`pyarrow.parquet.read_table`, no
+  threads) plus the same conversion of the same parts, with no re-batching. The stream's images/s per
+  core it can use (its read tasks plus the process that converts) as a fraction of it says how much of
+  the machine the stream turns into batches.
+The quickstart model's training rate (resnet-tiny, 32 px, batch 32, one thread, tensors in memory) is
+measured in the same process: the stream must outpace it.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from platebench.datasets.shards import ShardDataset
+from platebench.datasets.storage import join
 
-from ..augment import self_standardize
+from ..batching import DomainIndex, to_batch
+from ..rebatch import RowBatch
 from ..stream import PlateStream, StreamConfig
+from .plain import PlainPlateStream, close_loader, plate_loader
+
+KEYS = ("ratio", "stream_images_per_s", "stream_mb_per_s", "pyarrow_images_per_s", "pyarrow_mb_per_s",
+        "dataloader_images_per_s", "stream_vs_dataloader", "limit_images_per_s_per_core",
+        "stream_images_per_s_per_core", "stream_cores", "stream_fraction_of_limit",
+        "quickstart_train_images_per_s", "stream_vs_train", "images", "batches", "plates", "batch_size",
+        "parallelism", "image_shape", "dataset")
 
 
-def _convert(images: np.ndarray) -> torch.Tensor:
-    return self_standardize(torch.from_numpy(images.astype(np.float32)))
-
-
-def pyarrow_rate(ds: ShardDataset, batch_size: int, parallelism: int, limit_parts: int | None) -> dict:
+def stream_config(ds: ShardDataset, batch_size: int, parallelism: int, limit_parts: int | None) -> StreamConfig:
     parts = ds.manifest.parts[:limit_parts] if limit_parts else ds.manifest.parts
-    t0 = time.perf_counter()
-    n = 0
-    labelled = pc.field("label") >= 0  # the stream delivers labelled rows (controls are context only)
-    with ThreadPoolExecutor(max_workers=parallelism) as pool:
-        for table in pool.map(lambda p: ds.read_part(p), parts):
-            images = ds.images(table.filter(labelled))
-            for start in range(0, len(images), batch_size):
-                x = _convert(images[start:start + batch_size])
-                n += x.shape[0]
-    seconds = time.perf_counter() - t0
-    return {"images": n, "seconds": seconds}
+    return StreamConfig(scheme=None, split=None, batch_size=batch_size, train=False, read_concurrency=parallelism,
+                        plates=tuple(sorted({p.plate for p in parts})))
 
 
-def stream_rate(ds: ShardDataset, batch_size: int, parallelism: int, limit_parts: int | None) -> dict:
-    plates = sorted({p.plate for p in (ds.manifest.parts[:limit_parts] if limit_parts else ds.manifest.parts)})
-    cfg = StreamConfig(scheme=None, split=None, batch_size=batch_size, train=False, read_concurrency=parallelism,
-                       plates=tuple(plates))
-    stream = PlateStream(ds, cfg)
-    next(iter(PlateStream(ds, StreamConfig(scheme=None, split=None, batch_size=batch_size, train=False,
-                                           plates=tuple(plates[:1]))).epoch(0)))  # warm Ray Data's workers
-    t0 = time.perf_counter()
-    n = 0
-    for batch in stream.epoch(0):
+def _count(batches) -> dict:
+    n = b = 0
+    for batch in batches:
         n += len(batch)
-    return {"images": n, "seconds": time.perf_counter() - t0}
+        b += 1
+    return {"images": n, "batches": b}
+
+
+def stream_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
+    stream = PlateStream(ds, cfg)
+    warm = StreamConfig(scheme=None, split=None, batch_size=cfg.batch_size, train=False, plates=cfg.plates[:1])
+    next(iter(PlateStream(ds, warm).epoch(0)))  # start Ray Data's workers before the clock
+    t0 = time.perf_counter()
+    out = _count(stream.epoch(0))
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def pyarrow_rate(ds: ShardDataset, cfg: StreamConfig, threads: int) -> dict:
+    stream = PlainPlateStream(ds, cfg, read_threads=threads)
+    t0 = time.perf_counter()
+    out = _count(stream.epoch(0))
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def dataloader_rate(ds: ShardDataset, cfg: StreamConfig, workers: int) -> dict:
+    loader, sampler = plate_loader(PlainPlateStream(ds, cfg), workers)
+    try:
+        everything = list(sampler.indices)
+        sampler.indices = everything[:workers]  # warm-up: start every worker, one plate each
+        for _ in loader:
+            pass
+        sampler.indices = everything
+        t0 = time.perf_counter()
+        out = _count(b for plate_batches in loader for b in plate_batches)
+        return {**out, "seconds": time.perf_counter() - t0}
+    finally:
+        close_loader(loader)
+
+
+def limit_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
+    """One core: read_table without threads, then to_batch on consecutive slices of batch_size labelled rows."""
+    m = ds.manifest
+    domains = DomainIndex.from_manifest(m)
+    parts = [p for plate in cfg.plates for p in m.parts_of(plate)]
+    labelled = pc.field("label") >= 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        n = 0
+        for part in parts:
+            table = pq.read_table(join(ds.root, part.path), filesystem=ds.fs, use_threads=False).filter(labelled)
+            for start in range(0, table.num_rows, cfg.batch_size):
+                rows = table.slice(start, cfg.batch_size)
+                n += len(to_batch(RowBatch(queries=rows, controls=None, plate=part.plate), m, domains))
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return {"images": n, "seconds": seconds}
 
 
 def training_rate(steps: int = 12, batch_size: int = 32, size: int = 32, threads: int = 1) -> float:
     from platebench.methods import Batch, TaskSpec, get_method
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    method = get_method("erm")(TaskSpec(num_classes=8, channels=5, image_size=(size, size)), {}, "resnet-tiny")
-    batch = Batch(torch.randn(batch_size, 5, size, size), torch.randint(0, 8, (batch_size,)),
-                  torch.zeros(batch_size, dtype=torch.bool))
-    for _ in range(3):
-        method.training_step(batch)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        method.training_step(batch)
-    return steps * batch_size / (time.perf_counter() - t0)
+    try:
+        torch.manual_seed(0)
+        method = get_method("erm")(TaskSpec(num_classes=8, channels=5, image_size=(size, size)), {}, "resnet-tiny")
+        batch = Batch(torch.randn(batch_size, 5, size, size), torch.randint(0, 8, (batch_size,)),
+                      torch.zeros(batch_size, dtype=torch.bool))
+        for _ in range(3):
+            method.training_step(batch)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            method.training_step(batch)
+        return steps * batch_size / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _best(runs: list[dict]) -> dict:
+    counts = {(r["images"], r.get("batches")) for r in runs}
+    if len(counts) != 1:
+        raise RuntimeError(f"repeated measurements delivered different images/batches: {sorted(counts)}")
+    return min(runs, key=lambda r: r["seconds"])
 
 
 def run(ds: ShardDataset, batch_size: int = 64, parallelism: int = 2, limit_parts: int | None = None,
         repeats: int = 2) -> dict:
+    cfg = stream_config(ds, batch_size, parallelism, limit_parts)
+    runs: dict[str, list[dict]] = {"pyarrow": [], "stream": [], "dataloader": [], "limit": []}
+    for _ in range(repeats):  # interleaved, best of each: the box is shared and noisy
+        runs["pyarrow"].append(pyarrow_rate(ds, cfg, parallelism))
+        runs["stream"].append(stream_rate(ds, cfg))
+        runs["dataloader"].append(dataloader_rate(ds, cfg, parallelism))
+        runs["limit"].append(limit_rate(ds, cfg))
+    best = {k: _best(v) for k, v in runs.items()}
+    delivered = {k: (best[k]["images"], best[k]["batches"]) for k in ("pyarrow", "stream", "dataloader")}
+    if len(set(delivered.values())) != 1:
+        raise RuntimeError(f"the paths delivered different (images, batches): {delivered}")
+    if best["limit"]["images"] != best["stream"]["images"]:
+        raise RuntimeError(f"the limit converted {best['limit']['images']} images, the stream "
+                           f"{best['stream']['images']}")
+    ips = {k: v["images"] / v["seconds"] for k, v in best.items()}
     mb = ds.manifest.image_nbytes / 2**20
-    best_arrow, best_stream = None, None
-    for _ in range(repeats):  # alternate and keep the best of each: the box is shared and noisy
-        a = pyarrow_rate(ds, batch_size, parallelism, limit_parts)
-        s = stream_rate(ds, batch_size, parallelism, limit_parts)
-        if best_arrow is None or a["seconds"] < best_arrow["seconds"]:
-            best_arrow = a
-        if best_stream is None or s["seconds"] < best_stream["seconds"]:
-            best_stream = s
-    if best_arrow["images"] != best_stream["images"]:
-        raise RuntimeError(f"stream delivered {best_stream['images']} images, pyarrow {best_arrow['images']}")
-    arrow_ips = best_arrow["images"] / best_arrow["seconds"]
-    stream_ips = best_stream["images"] / best_stream["seconds"]
+    cores = min(os.cpu_count() or 1, parallelism + 1)  # read tasks + the process that converts
+    per_core = ips["stream"] / cores
     train_ips = training_rate()
-    return {"ratio": stream_ips / arrow_ips, "stream_images_per_s": stream_ips, "stream_mb_per_s": stream_ips * mb,
-            "pyarrow_images_per_s": arrow_ips, "pyarrow_mb_per_s": arrow_ips * mb,
-            "quickstart_train_images_per_s": train_ips, "stream_vs_train": stream_ips / train_ips,
-            "images": best_stream["images"], "batch_size": batch_size, "parallelism": parallelism,
+    return {"ratio": ips["stream"] / ips["pyarrow"], "stream_images_per_s": ips["stream"],
+            "stream_mb_per_s": ips["stream"] * mb, "pyarrow_images_per_s": ips["pyarrow"],
+            "pyarrow_mb_per_s": ips["pyarrow"] * mb, "dataloader_images_per_s": ips["dataloader"],
+            "stream_vs_dataloader": ips["stream"] / ips["dataloader"],
+            "limit_images_per_s_per_core": ips["limit"], "stream_images_per_s_per_core": per_core,
+            "stream_cores": cores, "stream_fraction_of_limit": per_core / ips["limit"],
+            "quickstart_train_images_per_s": train_ips, "stream_vs_train": ips["stream"] / train_ips,
+            "images": best["stream"]["images"], "batches": best["stream"]["batches"], "plates": len(cfg.plates),
+            "batch_size": batch_size, "parallelism": parallelism,
             "image_shape": "x".join(map(str, ds.manifest.image_shape)), "dataset": ds.url}

@@ -1,4 +1,11 @@
-"""Ingestion throughput (images/s): the Ray Data job parallel over plates vs one local process.
+"""Ingestion throughput (images/s): the Ray Data job parallel over plates vs a plain process pool.
+
+Both write the same shards from the same raw tree with the same per-plate code
+(`ingest_job.ingest_plate`: decode, stack, zstd write, sidecar) and the same parallelism: the pool has
+as many processes as the Ray job may run tasks (its CPUs, or `parallelism`). The headline `ratio` is the
+first Ray job (what `platebench ingest` costs when run once: it also pays its workers' start-up and
+imports) over the pool (which also pays its processes' start-up); a second Ray job into a fresh folder
+gives the warm figure.
 
 Without `--src`, a raw RxRx1-layout tree (metadata.csv + one 8-bit PNG per channel and site) is
 generated first, so the command measures decode + stack + write on this machine. With `--src`, the
@@ -8,35 +15,48 @@ real layout is read (e.g. a local copy of RxRx1, or the s3:// archive on a clust
 from __future__ import annotations
 
 import csv
+import json
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from ..ingest_job import run_ingest
+from ..errors import HarnessError
+from ..ingest_job import SKIPPED, ingest_plate, run_ingest
 
 COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site", "well_type", "sirna",
            "sirna_id"]
+KEYS = ("ratio", "ray_cold_images_per_s", "ray_warm_images_per_s", "pool_images_per_s", "ray_warm_vs_pool",
+        "ray_cold_seconds", "ray_warm_seconds", "pool_seconds", "workers", "images", "plates", "layout", "src")
 
 
-def make_rxrx1_layout(root: Path, experiments: int = 3, size: int = 128, seed: int = 0) -> int:
-    """A format-faithful RxRx1 tree (B3/B4 of datasets-research.md) with random pixels. Returns images.
+def make_rxrx1_layout(root: Path, experiments: int = 3, size: int = 128, seed: int = 0, wells: int = 308) -> int:
+    """A format-faithful RxRx1 tree (metadata.csv, per-channel PNGs), random pixels; returns the image count.
 
     Each experiment follows the real design: its 4 plates hold the 1,108 treatment siRNAs once (277 per
     plate), plus the 30 positive controls and the negative control on every plate (308 wells), 2 sites
-    each. The last experiment is the test experiment.
+    each. The last experiment is the test experiment. `wells` < 308 shrinks each plate to that many wells
+    (wells - 2 treatments, one positive and the negative control), for quick checks.
     """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    wells = [f"{chr(ord('B') + i // 22)}{i % 22 + 2:02d}" for i in range(308)]
+    names = [f"{chr(ord('B') + i // 22)}{i % 22 + 2:02d}" for i in range(308)]
+    # Per plate: `per_plate` treatments, `positives` positive controls, one negative; ids stay contiguous.
+    per_plate, positives = (277, 30) if wells >= 308 else (max(1, wells - 2), 1)
+    treatments = 4 * per_plate
+    negative = treatments + positives
     rows = []
     for e in range(experiments):
         exp = f"HUVEC-{e + 1:02d}"
         for plate in range(1, 5):
-            ids = list(range((plate - 1) * 277, plate * 277)) + list(range(1108, 1139))
-            for well, sid in zip(wells, ids):
-                kind = "negative_control" if sid == 1138 else "positive_control" if sid >= 1108 else "treatment"
+            ids = list(range((plate - 1) * per_plate, plate * per_plate)) + list(range(treatments, negative + 1))
+            for well, sid in zip(names, ids):
+                kind = ("negative_control" if sid == negative else "positive_control" if sid >= treatments
+                        else "treatment")
                 folder = root / "images" / exp / f"Plate{plate}"
                 folder.mkdir(parents=True, exist_ok=True)
                 for site in (1, 2):
@@ -55,21 +75,79 @@ def make_rxrx1_layout(root: Path, experiments: int = 3, size: int = 128, seed: i
     return len(rows)
 
 
+def _pool_plate(args: tuple) -> dict:
+    from platebench.datasets import adapters
+
+    name, shared, plate, out = args
+    return ingest_plate(adapters.get(name), shared, plate, out, None, False)
+
+
+def pool_ingest(layout: str, config: dict, out: str, workers: int) -> dict:
+    """`run_ingest`'s job with a ProcessPoolExecutor in place of Ray Data: plan on the driver, one plate per
+    task, then skipped.json and the manifest, as `platebench ingest` writes them."""
+    from platebench.datasets import adapters
+    from platebench.datasets.manifest import Part
+    from platebench.datasets.raw_io import write_json
+    from platebench.datasets.shards import write_manifest
+    from platebench.datasets.storage import join
+
+    from .. import __version__
+
+    t0 = time.perf_counter()
+    adapter = adapters.get(layout)
+    plan = adapter.plan(dict(config))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    shared = plan.shared()
+    # forkserver with the ingest code preloaded: no fork of a driver that runs Ray's threads, and no
+    # per-process re-import as with spawn (the Ray job's workers are prestarted too).
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["platebench.harness.ingest_job", "platebench.datasets.adapters"])
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        rows = list(pool.map(_pool_plate, [(adapter.name, shared, p, out) for p in plan.plates]))
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        raise HarnessError(f"perf ingest: the process pool failed on plate {errors[0]['plate']}: {errors[0]['error']}")
+    parts = [Part(**p) for r in rows for p in json.loads(r["parts"])]
+    images = sum(r["rows"] for r in rows if r["status"] == "written")
+    manifest = plan.manifest(parts, {p.plate for p in parts})
+    manifest.provenance = {**manifest.provenance, "platebench": __version__, "skipped_items": 0, "skip_bad": False}
+    write_json(join(out, SKIPPED), {"dataset": plan.name, "skip_bad": False, "count": 0, "items": []}, None)
+    write_manifest(out, manifest, None)
+    seconds = time.perf_counter() - t0
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def ray_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def run(src: str | None = None, layout: str = "rxrx1", experiments: int = 3, size: int = 128,
-        parallelism: int | None = None) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="pb-perf-ingest-"))
+        parallelism: int | None = None, wells: int = 308, work: str | None = None) -> dict:
+    """`work`: where the generated tree and the three outputs go (kept); default a temporary folder, removed."""
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="pb-perf-ingest-") as tmp:
+            return run(src, layout, experiments, size, parallelism, wells, tmp)
+    work = Path(work)
+    label = src or f"generated rxrx1 layout: {experiments} experiment(s), {wells} wells/plate, {size} px"
     if src is None:
         if layout != "rxrx1":
-            raise ValueError("without --src, perf ingest generates an rxrx1 layout only")
+            raise HarnessError("without --src, perf ingest generates an rxrx1 layout only")
         src = str(work / "raw")
-        Path(src).mkdir()
-        make_rxrx1_layout(Path(src), experiments=experiments, size=size)
+        Path(src).mkdir(parents=True)
+        make_rxrx1_layout(Path(src), experiments=experiments, size=size, wells=wells)
     config = {"src": src, "resize": None, "crop": None, "version": "perf"}
-    local = run_ingest(layout, config, str(work / "local"), executor="local", progress=False)
-    # Twice, fresh outputs: the first Ray Data job also pays its workers' one-time start-up.
-    cold = run_ingest(layout, config, str(work / "ray-1"), executor="ray", parallelism=parallelism, progress=False)
-    warm = run_ingest(layout, config, str(work / "ray-2"), executor="ray", parallelism=parallelism, progress=False)
-    return {"ratio": warm["images_per_s"] / local["images_per_s"], "ray_images_per_s": warm["images_per_s"],
-            "ray_cold_images_per_s": cold["images_per_s"], "local_images_per_s": local["images_per_s"],
-            "images": warm["images"], "layout": layout, "src": src, "ray_seconds": warm["seconds"],
-            "local_seconds": local["seconds"]}
+    workers = parallelism or ray_cpus()
+    pool = pool_ingest(layout, config, str(work / "pool"), workers)
+    # Fresh outputs each: the first Ray job is what a user runs; the second shows it warm.
+    cold = run_ingest(layout, config, str(work / "ray-1"), executor="ray", parallelism=workers, progress=False)
+    warm = run_ingest(layout, config, str(work / "ray-2"), executor="ray", parallelism=workers, progress=False)
+    if not pool["images"] == cold["images"] == warm["images"]:
+        raise RuntimeError(f"perf ingest: images written differ (pool {pool['images']}, Ray {cold['images']}, "
+                           f"{warm['images']})")
+    return {"ratio": cold["images_per_s"] / pool["images_per_s"], "ray_cold_images_per_s": cold["images_per_s"],
+            "ray_warm_images_per_s": warm["images_per_s"], "pool_images_per_s": pool["images_per_s"],
+            "ray_warm_vs_pool": warm["images_per_s"] / pool["images_per_s"], "ray_cold_seconds": cold["seconds"],
+            "ray_warm_seconds": warm["seconds"], "pool_seconds": pool["seconds"], "workers": workers,
+            "images": cold["images"], "plates": cold["plates_written"], "layout": layout, "src": label}

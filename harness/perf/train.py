@@ -1,102 +1,213 @@
-"""Training-step overhead of Ray Train: the same method, batches and loop, in plain PyTorch and in Ray Train.
+"""One real epoch of `platebench run` (Ray Train + Ray Data) against a plain PyTorch loop doing the same work.
 
-The headline `ratio` is Ray Train's step time with one worker divided by the plain in-process step
-time (the harness's own loop: `Method.training_step`). Also: 2-worker data-parallel throughput over
-1-worker throughput (each worker gets its own batches; gloo on CPU, NCCL on GPU), and the fixed cost
-of a `fit()` (worker start-up and teardown), which a run pays once.
+Both train one run spec (dataset, split scheme, method, hyperparameters, backbone, seed; epochs=1) and
+evaluate it as a run does: the validation splits after the epoch, then the test splits (the only
+selectable epoch is the first), and a TTA method's sweeps.
+- Ray: `runner.run_many` with one lane, no MLflow, into a fresh storage folder. Its wall time is the
+  `run_many` call (the lane's `fit()`: controller and worker start-up, checkpoints, records, done
+  markers); its phases come from the run's done marker, `runs/<run_id>/done.json` "timings".
+- plain: `workers` spawned processes (a gloo or NCCL process group when there are several), each doing
+  what a run's worker does with the same code where the work is the same: the seeded method, the
+  stream's plan and batches (`PlainPlateStream`: parts read by pyarrow threads, not Ray Data), the
+  schedule, `training_step`, the run's `Evaluator` on plain streams; the weights are saved once. Its
+  wall time runs from starting the processes to their exit.
+Both use `cpus_per_worker` torch threads per worker and keep parts in memory up to `cache_mb` per worker.
+The phases are bracketed alike: setup (dataset, methods, channel statistics), training (the epoch's
+steps), evaluation (every split evaluated); `*_other_s` is the rest of each wall time.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
+import socket
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
-import torch
+from platebench.datasets.shards import open_dataset
+
+from ..errors import HarnessError
+from ..runspec import RunSpec, build_specs, check_trainable
+
+KEYS = ("ratio", "training_ratio", "evaluation_ratio", "ray_wall_s", "ray_setup_s", "ray_training_s",
+        "ray_evaluation_s", "ray_other_s", "plain_wall_s", "plain_setup_s", "plain_training_s",
+        "plain_evaluation_s", "plain_other_s", "steps", "train_images", "eval_images", "ray_val_accuracy",
+        "plain_val_accuracy", "ray_val_loss", "plain_val_loss", "method", "backbone", "batch_size", "split_scheme",
+        "workers", "cpus_per_worker", "device", "repeats", "dataset")
 
 
-def _timed_steps(cfg: dict, device) -> list[float]:
-    from platebench.methods import Batch, TaskSpec, get_method
+# -- the plain loop (one process per worker) ---------------------------------------------------------
+def _plain_worker(cfg: dict) -> dict:
+    import torch
+    import torch.distributed as dist
+    from platebench.methods import get_method
 
-    torch.manual_seed(cfg["seed"])
-    size, b = cfg["image_size"], cfg["batch_size"]
-    task = TaskSpec(num_classes=cfg["classes"], channels=cfg["channels"], image_size=(size, size))
-    method = get_method(cfg["method"])(task, {"batch_size": b}, cfg["backbone"]).to(device)
-    g = torch.Generator().manual_seed(cfg["seed"] + 1)
-    batches = [Batch(torch.randn(b, cfg["channels"], size, size, generator=g),
-                     torch.randint(0, cfg["classes"], (b,), generator=g), torch.zeros(b, dtype=torch.bool)).to(device)
-               for _ in range(4)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(cfg["warmup"] + cfg["steps"]):
-        sync()
+    from ..channel_stats import channel_stats
+    from ..records import main_value
+    from ..runspec import task_spec
+    from ..schedule import lr_factor
+    from ..stream import PartCache, StreamConfig
+    from ..train_loop import seed_all
+    from .plain import PlainEvaluator, PlainPlateStream
+
+    rank, world = cfg["rank"], cfg["workers"]
+    torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    if world > 1:
+        dist.init_process_group("nccl" if cfg["gpu"] else "gloo", init_method=f"tcp://127.0.0.1:{cfg['port']}",
+                                rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if cfg["gpu"] else torch.device("cpu")
+    try:
+        spec = RunSpec.from_dict(cfg["spec"])
+        t = spec.training()
+        hp = t.hparams
         t0 = time.perf_counter()
-        method.training_step(batches[i % len(batches)])
-        sync()
-        if i >= cfg["warmup"]:
-            times.append(time.perf_counter() - t0)
-    return times
+        ds = open_dataset(spec.data)
+        task = task_spec(ds)
+        cache = PartCache(cfg["cache_mb"] * 2**20)
+        seed_all(t.seed)  # as a run: identical initial parameters on every rank
+        trainer = get_method(t.method)(task, hp, t.backbone).to(device)
+        protocol = get_method(spec.method)(task, spec.hparams, spec.backbone).to(device)
+        stats = channel_stats(ds, t.split_scheme, "train", cache) if hp["normalize"] == "dataset" else None
+        evaluator = PlainEvaluator(ds, spec, protocol, rank, world, device, cache, stats,
+                                   read_threads=cfg["read_threads"])
+        setup_s = time.perf_counter() - t0
+
+        req = trainer.data_request()
+        stream = PlainPlateStream(ds, StreamConfig(
+            scheme=t.split_scheme, split="train", batch_size=req.batch_size, train=True, plate_pure=req.plate_pure,
+            plates_per_step=req.plates_per_step, n_controls=req.n_controls, seed=t.seed, augment=hp["augment"],
+            channel_stats=stats), rank, world, cache, read_threads=cfg["read_threads"])
+        epoch, epochs = 0, 1
+        t0 = time.perf_counter()
+        seed_all(t.seed * 7919 + rank * 104729 + epoch)
+        trainer.train()
+        steps = stream.steps(epoch)
+        trainer.on_epoch_start(epoch, epochs, steps)
+        sums: dict[str, float] = {}
+        images = 0
+        for i, batch in enumerate(stream.epoch(epoch)):
+            trainer.set_lr_factor(lr_factor(epoch, i, steps, epochs, hp["warmup_epochs"], hp["schedule"]))
+            images += sum(int(b.queries.sum()) for b in (batch if isinstance(batch, list) else [batch]))  # on CPU
+            batch = [b.to(device) for b in batch] if isinstance(batch, list) else batch.to(device)
+            for k, v in trainer.training_step(batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        trainer.sync_buffers()
+        training_s = time.perf_counter() - t0
+        weights = trainer.state_dict()
+        if rank == 0:
+            torch.save({k: v.detach().cpu() for k, v in weights.items()}, cfg["weights_path"])
+
+        protocol.load_state_dict(weights)  # outside the clock, as in a run
+        t0 = time.perf_counter()
+        val_rows = evaluator.main(protocol, epoch + 1, evaluator.val_splits)
+        test_rows = evaluator.main(protocol, epoch + 1, evaluator.test_splits)
+        if evaluator.track == "tta" and evaluator.val_splits:  # the run sweeps at the best validation epoch
+            evaluator.sweeps(protocol, epoch + 1)
+        evaluation_s = time.perf_counter() - t0
+        rows = val_rows + test_rows
+        return {"rank": rank, "setup_s": setup_s, "training_s": training_s, "evaluation_s": evaluation_s,
+                "steps": steps, "train_images": images, "eval_images": _eval_images(rows),
+                "val_accuracy": main_value(val_rows, evaluator.scheme.selection_split),
+                "val_loss": main_value(val_rows, evaluator.scheme.selection_split, "loss")}
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
-def plain(cfg: dict) -> float:
-    torch.set_num_threads(cfg["threads"])
-    device = torch.device("cuda" if cfg["gpu"] else "cpu")
-    return statistics.median(_timed_steps(cfg, device))
+def _eval_images(rows: list[dict]) -> int:
+    """Images evaluated under the main protocol, over every split (one 'all' accuracy row per split)."""
+    return sum(int(r["n"]) for r in rows
+               if r["protocol"] == "main" and r["domain_kind"] == "all" and r["metric"] == "accuracy")
 
 
-def _worker(cfg: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    torch.set_num_threads(cfg["threads"])
-    times = _timed_steps(cfg, ray.train.torch.get_device())
-    step = statistics.median(times)
-    metrics = {"step_s": step}
-    if ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as d:  # Result.metrics needs a checkpointed report (Train V2)
-            with open(os.path.join(d, "perf.json"), "w") as f:
-                json.dump(metrics, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def ray_train(cfg: dict, workers: int, storage: str) -> dict:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def plain_epoch(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_worker: float = 1.0,
+                read_threads: int = 4, cache_mb: int = 512) -> dict:
+    """The plain loop in `workers` fresh processes: rank 0's phases (a run reports rank 0's), images trained by
+    all ranks, and the wall time of the whole."""
+    with tempfile.TemporaryDirectory(prefix="pb-perf-plain-") as work:
+        base = {"spec": spec.to_dict(), "workers": workers, "gpu": gpu, "cpus_per_worker": cpus_per_worker,
+                "read_threads": read_threads, "cache_mb": cache_mb, "port": _free_port(),
+                "weights_path": f"{work}/weights.pt"}
+        t0 = time.perf_counter()
+        # spawn: fresh processes like Ray's workers, and no fork of a driver that runs Ray's threads
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_plain_worker, {**base, "rank": r}) for r in range(workers)]
+            results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    first = next(r for r in results if r["rank"] == 0)
+    return {**first, "train_images": sum(r["train_images"] for r in results), "wall_s": wall}
 
-    resources = {"CPU": cfg["threads"], **({"GPU": 1} if cfg["gpu"] else {})}
-    trainer = TorchTrainer(
-        _worker, train_loop_config=cfg, torch_config=TorchConfig(backend="nccl" if cfg["gpu"] else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg["gpu"], resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"perf-train-{workers}w-{int(time.time())}", storage_path=storage))
+
+# -- the Ray run ---------------------------------------------------------------------------------------
+def ray_epoch(spec: RunSpec, storage: str, workers: int = 1, gpu: bool = False, cpus_per_worker: float = 1.0,
+              cache_mb: int = 512) -> dict:
+    """One `platebench run` of `spec` (1 epoch) into `storage`; its wall time, done-marker timings and counts."""
+    from ..checkpointing import TrainingStore
+    from ..records import main_value, read_records
+    from ..runner import Launch, check_storage_writable, read_done, require_runs_ok, run_many
+
+    launch = Launch(storage=storage, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, mlflow=None,
+                    cache_mb=cache_mb)
+    check_storage_writable(launch)
+    if read_done(launch, spec.run_id) is not None:
+        raise HarnessError(f"{storage}: run {spec.run_id} is already done there; perf train needs a fresh storage")
     t0 = time.perf_counter()
-    result = trainer.fit()
+    results, _ = run_many([spec], launch, max_concurrent=1)
     wall = time.perf_counter() - t0
-    step = result.metrics["step_s"]
-    return {"step_s": step, "fit_wall_s": wall, "loop_s": step * (cfg["warmup"] + cfg["steps"])}
+    require_runs_ok(results)
+    done = read_done(launch, spec.run_id)
+    history = TrainingStore(storage, launch.options, spec.training().training_id).read_done()["history"]
+    rows = [r for r in read_records(storage, launch.options, run_ids=[spec.run_id]).to_pylist() if r["epoch"] == 1]
+    selection_split = open_dataset(spec.data).manifest.scheme(spec.split_scheme).selection_split
+    timings = done["timings"]
+    return {"wall_s": wall, "setup_s": timings["setup_s"], "training_s": timings["training_s"],
+            "evaluation_s": timings["evaluation_s"], "steps": history[0]["steps"],
+            "eval_images": _eval_images(rows), "val_accuracy": done["final_metrics"]["val_accuracy"],
+            "val_loss": main_value(rows, selection_split, "loss")}
 
 
-def run(method: str = "erm", backbone: str = "resnet-tiny", image_size: int = 32, batch_size: int = 32,
-        channels: int = 5, steps: int = 30, warmup: int = 5, gpu: bool = False, threads: int = 1,
-        storage: str | None = None, scaling: bool = True) -> dict:
-    cfg = {"method": method, "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
-           "channels": channels, "classes": 8, "steps": steps, "warmup": warmup, "gpu": gpu, "threads": threads,
-           "seed": 0}
-    storage = storage or tempfile.mkdtemp(prefix="pb-perf-train-")
-    # Plain PyTorch before and after the Ray run, best of the two: the box is shared and noisy.
-    before = plain(cfg)
-    one = ray_train(cfg, 1, storage)
-    base = min(before, plain(cfg))
-    out = {"ratio": one["step_s"] / base, "plain_step_s": base, "ray_train_step_s": one["step_s"],
-           "fit_fixed_cost_s": one["fit_wall_s"] - one["loop_s"], "method": method, "backbone": backbone,
-           "image_size": image_size, "batch_size": batch_size, "steps": steps, "threads_per_worker": threads,
-           "device": "gpu" if gpu else "cpu"}
-    if scaling:
-        two = ray_train(cfg, 2, storage)
-        # Throughput: each of 2 workers processes its own batch per step.
-        out["two_worker_step_s"] = two["step_s"]
-        out["scaling_2_vs_1"] = (2 * batch_size / two["step_s"]) / (batch_size / one["step_s"])
-    return out
+# -- the command ---------------------------------------------------------------------------------------
+def prepare(data: str, split_scheme: str = "new_batches", method: str = "erm", hparams: dict | None = None,
+            backbone: str = "resnet-tiny", seed: int = 0, workers: int = 1) -> RunSpec:
+    """The run spec both paths train (epochs=1); every error a run would refuse, before Ray starts."""
+    ds = open_dataset(data)
+    spec = build_specs(ds, split_scheme, method, {**(hparams or {}), "epochs": 1}, [seed], backbone)[0]
+    check_trainable(ds, spec, workers)
+    return spec
+
+
+def run(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_worker: float = 1.0, read_threads: int = 4,
+        cache_mb: int = 512, repeats: int = 1, storage: str | None = None) -> dict:
+    """`storage`: where the runs go (kept, one folder per repeat); default a temporary folder, removed."""
+    if storage is None:
+        with tempfile.TemporaryDirectory(prefix="pb-perf-train-") as tmp:
+            return run(spec, workers, gpu, cpus_per_worker, read_threads, cache_mb, repeats, tmp)
+    storage = storage.rstrip("/")
+    plains, rays = [], []
+    for k in range(repeats):  # interleaved, best wall time of each: the box is shared and noisy
+        plains.append(plain_epoch(spec, workers, gpu, cpus_per_worker, read_threads, cache_mb))
+        rays.append(ray_epoch(spec, f"{storage}/repeat-{k}", workers, gpu, cpus_per_worker, cache_mb))
+    plain = min(plains, key=lambda r: r["wall_s"])
+    ray = min(rays, key=lambda r: r["wall_s"])
+    for key in ("steps", "eval_images"):
+        if plain[key] != ray[key]:
+            raise RuntimeError(f"perf train: the plain loop and the run differ in {key} ({plain[key]} vs {ray[key]}): "
+                               f"they did not do the same work")
+    out = {"ratio": ray["wall_s"] / plain["wall_s"], "training_ratio": ray["training_s"] / plain["training_s"],
+           "evaluation_ratio": ray["evaluation_s"] / plain["evaluation_s"]}
+    for name, r in (("ray", ray), ("plain", plain)):
+        out.update({f"{name}_wall_s": r["wall_s"], f"{name}_setup_s": r["setup_s"],
+                    f"{name}_training_s": r["training_s"], f"{name}_evaluation_s": r["evaluation_s"],
+                    f"{name}_other_s": r["wall_s"] - r["setup_s"] - r["training_s"] - r["evaluation_s"]})
+    return {**out, "steps": plain["steps"], "train_images": plain["train_images"], "eval_images": plain["eval_images"],
+            "ray_val_accuracy": ray["val_accuracy"], "plain_val_accuracy": plain["val_accuracy"],
+            "ray_val_loss": ray["val_loss"], "plain_val_loss": plain["val_loss"],
+            "method": spec.method, "backbone": spec.backbone, "batch_size": spec.hparams["batch_size"],
+            "split_scheme": spec.split_scheme, "workers": workers, "cpus_per_worker": cpus_per_worker,
+            "device": "gpu" if gpu else "cpu", "repeats": repeats, "dataset": spec.data}

@@ -16,6 +16,9 @@ from ..runner import Launch
 from ..sweep import SweepConfig, run_sweep
 from ..tune_space import for_method
 
+KEYS = ("ratio", "overhead_per_trial_s", "training_per_trial_s", "trial_wall_s", "trials", "method", "max_concurrent",
+        "epochs", "dataset")
+
 
 def run(data: str, split_scheme: str = "new_batches", method: str = "erm", trials: int = 4, epochs: int | None = None,
         max_concurrent: int = 1, storage: str | None = None, hparams: dict | None = None) -> dict:

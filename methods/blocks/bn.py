@@ -12,17 +12,13 @@ buffers). The BN-statistics methods need finer control, given here as small comp
   code's controls-only "BEN" trainer).
 * `forward_per_group(model, x, groups)` — each group of rows (one plate / one ARM chunk) is forwarded
   separately, so its rows are normalised with that group's statistics only.
-* `adapt_to_domain(model, chunks)` — AdaBN's full-domain variant: running buffers := the exact
-  statistics of a whole plate forwarded in chunks (exact pooled variance, not the average of per-chunk
-  variances; `layerwise=True` also makes deeper layers exact).
-* `frozen_bn_buffers(module)` — running buffers saved and restored around an inner loop.
 * `randomize_running_stats(module)` — for tests: proves a forward does not read the running buffers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -145,136 +141,6 @@ def forward_per_group(model: nn.Module, x: torch.Tensor, groups: torch.Tensor) -
         outputs = [model(x[idx]) for idx in index_lists]
     order = torch.argsort(torch.cat(index_lists))
     return torch.cat(outputs)[order]
-
-
-class _Moments:
-    """Exact running mean / biased variance per channel over many chunks (Chan et al. pairwise update, float64)."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def add(self, x: torch.Tensor) -> None:
-        dims = [0, *range(2, x.dim())]
-        x = x.detach().double()
-        n = x.numel() // x.shape[1]
-        mean = x.mean(dims)
-        m2 = ((x - mean.view([1, -1] + [1] * (x.dim() - 2))) ** 2).sum(dims)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
-        self.count = total
-
-    def write_to(self, bn: _BatchNorm) -> None:
-        if self.mean is None:
-            raise RuntimeError("adapt_to_domain: a BatchNorm layer saw no input")
-        bn.running_mean.copy_(self.mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_((self.m2 / self.count).to(bn.running_var.dtype))
-
-
-class _StopForward(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _all_modules_eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@torch.no_grad()
-def adapt_to_domain(model: nn.Module, chunks: Iterable[torch.Tensor], forward: Callable | None = None,
-                    layerwise: bool = False) -> None:
-    """Set every BN layer's running_mean/var to the exact statistics of its inputs over all `chunks`.
-
-    AdaBN's full-domain variant (methods-research §3.2 (b)): afterwards an eval-mode forward uses the
-    plate's statistics. Differences from the reference `update_bn_with_full_domain` (reset,
-    momentum=None, one train-mode pass): the variance is the exact pooled one over all chunks (the
-    reference averages per-chunk variances, which drops the spread of chunk means), and it is the
-    biased variance, so that with one chunk the eval forward equals a train-mode forward of the plate.
-
-    In the one-pass mode (default) each layer's input is produced with earlier layers normalised per
-    chunk, as in the reference. `layerwise=True` adapts one layer at a time (earlier layers already
-    adapted, forward stopped right after the layer): the eval forward then equals a batch-statistics
-    forward of the whole plate as one batch, at the cost of one partial pass per BN layer.
-    Gradients are off; the model's train/eval modes are restored.
-    """
-    forward = forward or model
-    chunks = list(chunks)
-    layers = bn_layers(model)
-    if not chunks or not layers:
-        return
-    moments = {id(m): _Moments() for m in layers}
-
-    def record(bn, inputs):
-        moments[id(bn)].add(inputs[0])
-
-    with _all_modules_eval(model):
-        if not layerwise:
-            handles = [m.register_forward_pre_hook(record) for m in layers]
-            try:
-                with batch_stats(model):
-                    for x in chunks:
-                        forward(x)
-            finally:
-                for h in handles:
-                    h.remove()
-            for m in layers:
-                moments[id(m)].write_to(m)
-            return
-        for bn in _call_order(model, forward, chunks[0], layers):
-            handle = bn.register_forward_pre_hook(lambda mod, inputs: (record(mod, inputs), _raise_stop()))
-            try:
-                for x in chunks:
-                    with contextlib.suppress(_StopForward):
-                        forward(x)
-            finally:
-                handle.remove()
-            moments[id(bn)].write_to(bn)
-
-
-def _raise_stop():
-    raise _StopForward
-
-
-def _call_order(model: nn.Module, forward: Callable, x: torch.Tensor, layers: list[_BatchNorm]) -> list[_BatchNorm]:
-    """BN layers in the order one forward calls them (registration order can differ, e.g. ResNet downsample)."""
-    order: list[_BatchNorm] = []
-    handles = [m.register_forward_pre_hook(lambda mod, inputs: order.append(mod)) for m in layers]
-    try:
-        with batch_stats(model):
-            forward(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if len({id(m) for m in order}) != len(order):
-        raise ValueError("adapt_to_domain(layerwise=True): a BatchNorm layer is called twice per forward")
-    return order
-
-
-@contextlib.contextmanager
-def frozen_bn_buffers(module: nn.Module) -> Iterator[None]:
-    """BN running buffers are saved on entry and restored on exit (inner loops must not move them)."""
-    saved = []
-    for m in bn_layers(module):
-        for name in _BUFFERS:
-            buf = getattr(m, name)
-            if buf is not None:
-                saved.append((buf, buf.detach().clone()))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, copy in saved:
-                buf.copy_(copy)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Jensen–Shannon divergence between predictive distributions (methods-research §3.16).
+"""Jensen–Shannon divergence between predictive distributions (Lin 1991; JS(p, q) = ½KL(p‖m) + ½KL(q‖m), m = (p + q)/2).
 
 JS(p, q) = ½KL(p‖r) + ½KL(q‖r), r = (p + q)/2, natural log, per sample, then averaged. Probabilities
 are clamped at PROB_FLOOR inside the logs only, so a zero entry contributes exactly 0 (0·log 0 = 0)

@@ -1,4 +1,4 @@
-"""Cosine classifier head and the ArcFace additive-angular-margin loss (methods-research §3.15).
+"""Cosine classifier head and the ArcFace additive-angular-margin loss (Deng et al., CVPR 2019).
 
 cos θ_k = ŵ_k·ẑ (unit-normalised rows of W and features). ArcFace replaces the target logit
 s·cos θ_y by s·cos(θ_y + m) and applies cross-entropy. The target term is computed in the

@@ -1,4 +1,4 @@
-"""Feature-statistics helpers and the instance-style modules MixStyle, DSU and AdvStyle (§1, §3.6–3.8).
+"""Feature-statistics helpers and the instance-style modules MixStyle, DSU and AdvStyle.
 
 All modules sit at backbone insertion points (`Backbone.set_insert`), act only in training mode and
 return their input object unchanged otherwise (an exact identity). Every random draw (apply or not,

@@ -1,6 +1,6 @@
 """Typical Variation Normalization on embeddings (Ando et al. 2017), the per-plate form of the CS-ARM-BN code.
 
-Form implemented: github ml-jku/cs-arm-bn plt/data/transforms.py TVN (methods-research §3.14):
+Form implemented: github ml-jku/cs-arm-bn plt/data/transforms.py TVN:
   fit (global, from control embeddings):   scaler (m, s) and full PCA P of all controls;
                                            T = Cov(controls standardised per plate in PCA space) + ridge·I
   transform (one plate's context, b):      z = ((e − m)/s)·P;  S_b = per-dimension standardisation on the

@@ -1,4 +1,5 @@
-"""What `platebench run`, `bench` and `sweep` share: Ray, storage, MLflow, progress output."""
+"""What `platebench run`, `bench` and `sweep` share: launch flags, Ray, storage, MLflow, progress output
+(a helper of those commands, not a command itself)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,26 @@ from pathlib import Path
 
 from platebench.datasets.storage import StorageOptions, absolute
 
-from . import faults, ray_local, tracking
-from .runner import Launch, check_storage_writable
+from .. import faults, ray_local, tracking
+from ..errors import HarnessError
+from ..flags import add_ray_flags, non_negative_int, positive_float, positive_int
+from ..runner import Launch, check_storage_writable
 
 
 def add_launch_flags(p) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--out", default="platebench-out", help="output folder (MLflow store, default storage)")
     g.add_argument("--storage", help="where records, checkpoints and done markers go (dir or s3://; default --out)")
-    g.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (DDP)")
+    g.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers per run (DDP)")
     g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL backend")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0)
-    g.add_argument("--cache-mb", type=int, default=512,
+    g.add_argument("--cpus-per-worker", type=positive_float, default=1.0)
+    g.add_argument("--cache-mb", type=non_negative_int, default=Launch.cache_mb,
                    help="per worker: keep dataset parts in memory across epochs up to this size (0: off)")
     g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
                    help="how a run's workers are placed on nodes (STRICT_SPREAD: one per node)")
-    g.add_argument("--max-failures", type=int, default=2, help="worker failures a run survives (FailureConfig)")
-    g.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local loopback Ray")
-    g.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: cores + 1)")
+    g.add_argument("--max-failures", type=non_negative_int, default=2,
+                   help="worker failures a run survives (FailureConfig)")
+    add_ray_flags(g)
     g.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
     g.add_argument("--no-mlflow", action="store_true", help="records only, no MLflow")
     g.add_argument("--inject-fault", metavar="SPEC", help="resilience drill: kill a worker once, e.g. "
@@ -35,7 +38,7 @@ def add_launch_flags(p) -> None:
 
 def local_cpus(args) -> int:
     """Logical CPUs of a local Ray: every concurrent run's workers plus one spare, because Ray Data read
-    tasks need CPU beside the Train workers or the stream waits forever (ray-research §7.3)."""
+    tasks need CPU beside the Train workers or the stream waits forever."""
     if args.num_cpus:
         return args.num_cpus
     workers = max(1, getattr(args, "workers", None) or 1)
@@ -66,13 +69,36 @@ def max_concurrent(args) -> int:
     return max(1, (os.cpu_count() or 2) // max(1, args.workers))
 
 
+def tracking_uri_for_workers(args, uri: str) -> str:
+    """`uri` as Train workers and Tune trials on every node reach it (tracking.worker_tracking_uri). Joining a
+    cluster (--address) starts Ray here, before the target goes into the Launch, to count its nodes."""
+    ray = sys.modules.get("ray")
+    joined = bool(getattr(args, "address", None))
+    if not joined and not (ray and ray.is_initialized()):
+        return tracking.worker_tracking_uri(uri, None, 1)  # the local Ray to come: one node, on loopback
+    start_ray(args)
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    driver = next((n["NodeManagerAddress"] for n in alive if n["NodeID"] == here), None)
+    return tracking.worker_tracking_uri(uri, driver or ray.util.get_node_ip_address(), len(alive), cluster=joined)
+
+
 def open_tracking(args, experiment: str, parent_name: str, params: dict,
                   reuse_parent: bool = False) -> tracking.MlflowTarget | None:
     if args.no_mlflow:
         return None
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    uri = args.mlflow_uri or tracking.default_uri(args.out)
-    exp = tracking.open_experiment(uri, experiment)
+    given = args.mlflow_uri or tracking.default_uri(args.out)
+    uri = tracking_uri_for_workers(args, given)
+    try:
+        exp = tracking.open_experiment(uri, experiment)
+    except HarnessError as exc:
+        if uri == given:
+            raise
+        raise HarnessError(f"{exc}; {uri} stands for {given} so that workers on other nodes reach it: serve MLflow "
+                           f"on the head's address (mlflow server --host 0.0.0.0 --app-name basic-auth)") from None
     parent = tracking.start_parent(uri, exp, parent_name, params, reuse=reuse_parent)
     return tracking.MlflowTarget(tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
 

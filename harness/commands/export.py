@@ -1,0 +1,40 @@
+"""`platebench export`: a result bundle (data only) of finished runs, for a leaderboard maintainer.
+
+    platebench export --records STORAGE --out BUNDLE [--methods M ...] [--dataset NAME]
+"""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help="write a result bundle (records, run specs, done markers, dataset and code "
+                                      "identity; never weights) for someone else's leaderboard",
+                       description="Copy the finished runs under STORAGE into BUNDLE: records as Parquet, run specs "
+                                   "and done markers, the dataset checksum and split-scheme definition, the code "
+                                   "identity of every run and the environment, described by BUNDLE/bundle.json. "
+                                   "No weights, checkpoints or pickles. Check it with `platebench validate BUNDLE`.")
+    p.add_argument("--records", required=True, metavar="URL",
+                   help="storage root holding records/ and runs/ (or the records/ folder itself)")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="a new (or empty) folder for the bundle")
+    p.add_argument("--methods", nargs="+", metavar="M", help="only these methods' runs (default: all)")
+    p.add_argument("--dataset", metavar="NAME", help="only runs on this dataset (its manifest name)")
+    return p
+
+
+def run(args) -> int:
+    import sys
+
+    from platebench.harness.bundle import export_bundle
+
+    b = export_bundle(args.records, args.out, methods=args.methods, dataset=args.dataset)
+    methods = sorted({r["method"] for r in b["runs"]})
+    for x in b["left_out"]:
+        print(f"left out run {x['run_id']}: {x['why']}", file=sys.stderr)
+    for d in b["datasets"]:
+        if d["scheme"] is None:
+            print(f"dataset {d['dataset']} ({d['split_scheme']}): manifest not readable with checksum "
+                  f"{d['dataset_checksum'][:16]}…, bundle lists the checksum only", file=sys.stderr)
+    print(f"exported {len(b['runs'])} runs ({', '.join(methods)}) on "
+          f"{', '.join(sorted({d['dataset'] + '/' + d['split_scheme'] for d in b['datasets']}))} to {args.out} "
+          f"({len(b['files'])} files); check it with: platebench validate {args.out}")
+    return 0
