@@ -26,6 +26,7 @@ from platebench.methods import Method, MethodError, get_method
 from platebench.methods.base import resolve_hparams
 
 from . import checkpointing, faults
+from .batching import on_device
 from .errors import HarnessError
 from .evaluate import Evaluator
 from .jobs import Job
@@ -145,8 +146,9 @@ class JobRun:
         ds = lane.dataset(self.job.runs[0].data)
         task = task_spec(ds)
         seed_all(self.training.seed)  # same seed on every rank: identical initial parameters
-        trainer = get_method(self.training.method)(task, self.training.hparams, self.training.backbone).to(device)
-        protocols = {r.run_id: get_method(r.method)(task, r.hparams, r.backbone).to(device) for r in todo}
+        trainer = on_device(get_method(self.training.method)(task, self.training.hparams, self.training.backbone),
+                            device)
+        protocols = {r.run_id: on_device(get_method(r.method)(task, r.hparams, r.backbone), device) for r in todo}
         self.channel_stats = self._channel_stats(ds)
         evaluators = {r.run_id: Evaluator(ds, r, protocols[r.run_id], lane.rank, lane.world, device, lane.cache,
                                           self.channel_stats) for r in todo}
@@ -215,7 +217,7 @@ class JobRun:
                 return spec, protocols[spec.run_id], evaluators[spec.run_id]
         own = dataclasses.replace(todo[0], method=self.training.method,
                                   hparams=resolve_hparams(get_method(self.training.method), self.training.hparams))
-        method = get_method(own.method)(task, own.hparams, own.backbone).to(self.lane.device)
+        method = on_device(get_method(own.method)(task, own.hparams, own.backbone), self.lane.device)
         return own, method, Evaluator(ds, own, method, self.lane.rank, self.lane.world, self.lane.device,
                                       self.lane.cache, self.channel_stats)
 

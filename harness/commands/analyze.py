@@ -79,6 +79,7 @@ def _resolve_run(storage: str, prefix: str) -> str:
 def run(args) -> int:
     import torch
     from platebench.datasets.shards import open_dataset
+    from platebench.harness.batching import on_device
     from platebench.methods import get_method
 
     from ..checkpointing import TrainingStore
@@ -99,7 +100,7 @@ def run(args) -> int:
         raise HarnessError(f"{ds.url}: dataset checksum {ds.manifest.checksum()[:12]} differs from the run's "
                            f"{spec.dataset_checksum[:12]} (not the data the run was trained on)")
     store = TrainingStore(args.records, None, done["training_id"])
-    method = get_method(spec.method)(task_spec(ds), spec.hparams, spec.backbone).to(args.device)
+    method = on_device(get_method(spec.method)(task_spec(ds), spec.hparams, spec.backbone), args.device)
     method.load_state_dict(store.load_weights(epoch, args.device))
     cache = PartCache(2**30)
     evaluator = Evaluator(ds, spec, method, 0, 1, args.device, cache, _channel_stats(spec, store, ds, cache))

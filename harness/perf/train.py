@@ -40,6 +40,7 @@ KEYS = ("ratio", "training_ratio", "evaluation_ratio", "ray_wall_s", "ray_setup_
 def _plain_worker(cfg: dict) -> dict:
     import torch
     import torch.distributed as dist
+    from platebench.harness.batching import on_device
     from platebench.methods import get_method
 
     from ..channel_stats import channel_stats
@@ -65,8 +66,8 @@ def _plain_worker(cfg: dict) -> dict:
         task = task_spec(ds)
         cache = PartCache(cfg["cache_mb"] * 2**20)
         seed_all(t.seed)  # as a run: identical initial parameters on every rank
-        trainer = get_method(t.method)(task, hp, t.backbone).to(device)
-        protocol = get_method(spec.method)(task, spec.hparams, spec.backbone).to(device)
+        trainer = on_device(get_method(t.method)(task, hp, t.backbone), device)
+        protocol = on_device(get_method(spec.method)(task, spec.hparams, spec.backbone), device)
         stats = channel_stats(ds, t.split_scheme, "train", cache) if hp["normalize"] == "dataset" else None
         evaluator = PlainEvaluator(ds, spec, protocol, rank, world, device, cache, stats,
                                    read_threads=cfg["read_threads"])
