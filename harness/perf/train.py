@@ -2,7 +2,7 @@
 
 Both train one run spec (dataset, split scheme, method, hyperparameters, backbone, seed; epochs=1) and
 evaluate it as a run does: the validation splits after the epoch, then the test splits (the only
-selectable epoch is the first), and a TTA method's sweeps.
+selectable epoch is the first), a TTA method's sweeps, and the representation analysis at that epoch.
 - Ray: `runner.run_many` with one lane, no MLflow, into a fresh storage folder. Its wall time is the
   `run_many` call (the lane's `fit()`: controller and worker start-up, checkpoints, records, done
   markers); its phases come from the run's done marker, `runs/<run_id>/done.json` "timings".
@@ -45,6 +45,7 @@ def _plain_worker(cfg: dict) -> dict:
 
     from ..channel_stats import channel_stats
     from ..records import main_value
+    from ..representation import analyze, training_batches
     from ..runspec import task_spec
     from ..schedule import lr_factor
     from ..stream import PartCache, StreamConfig
@@ -104,6 +105,7 @@ def _plain_worker(cfg: dict) -> dict:
         test_rows = evaluator.main(protocol, epoch + 1, evaluator.test_splits)
         if evaluator.track == "tta" and evaluator.val_splits:  # the run sweeps at the best validation epoch
             evaluator.sweeps(protocol, epoch + 1)
+        analyze(protocol, evaluator, training_batches(evaluator), epoch + 1)  # and analyses its representation
         evaluation_s = time.perf_counter() - t0
         rows = val_rows + test_rows
         return {"rank": rank, "setup_s": setup_s, "training_s": training_s, "evaluation_s": evaluation_s,
