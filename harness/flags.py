@@ -39,6 +39,18 @@ non_negative_int = _int_at_least(0)  # --seeds, --max-failures, --cache-mb
 positive_float = _float_above(0.0)  # --cpus-per-worker
 
 
+def add_seed_flag(p, what: str) -> None:
+    """`--seed N`, one meaning in every command: the one seed of what the command draws (`what`); commands
+    that train several seeds take `--seeds` (add_seeds_flag)."""
+    p.add_argument("--seed", type=non_negative_int, default=0, help=f"seeds {what} (default 0)")
+
+
+def add_seeds_flag(p, default=None) -> None:
+    """`--seeds N [N ...]`: the training seeds, one run per seed and method."""
+    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=default,
+                   help="training seeds, one run per seed and method" + (f" (default {default})" if default else ""))
+
+
 def add_json_flag(p: argparse.ArgumentParser, what: str) -> None:
     """`--json [FILE]`, one meaning in every command: write `what` as JSON to FILE, or to stdout without FILE."""
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",

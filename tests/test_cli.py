@@ -23,3 +23,18 @@ def test_json_means_the_same_in_every_command(tmp_path, capsys):
     assert json.loads(path.read_text())[0]["name"] == "erm"
     for argv in (["perf", "tune", "--json"], ["ingest", "rxrx1", "--src", "s", "--out", "o", "--json"]):
         assert build_parser().parse_args(argv).json == "-"
+
+
+def test_seed_and_seeds_mean_the_same_in_every_command(capsys):
+    """`--seed` is the one seed of what a command draws, `--seeds` a run's training seeds; both refuse a negative
+    value with the same line (exit 2) in every command that has them."""
+    import pytest
+
+    single = (["synth"], ["sweep", "--data", "d", "--split-scheme", "s", "--method", "erm"], ["perf", "train"])
+    several = (["run", "--data", "d", "--split-scheme", "s", "--method", "erm"], ["bench"])
+    for argv, flag in [(a, "--seed") for a in single] + [(a, "--seeds") for a in several]:
+        assert build_parser().parse_args([*argv, flag, "3"]).__dict__[flag.lstrip("-")] in (3, [3])
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([*argv, flag, "-1"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be >= 0, got -1" in capsys.readouterr().err

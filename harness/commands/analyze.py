@@ -26,6 +26,8 @@ PROJECTIONS = ("umap", "tsne")
 
 
 def add_parser(sub):
+    from platebench.harness.flags import positive_int
+
     p = sub.add_parser("analyze", help="representation analysis of a finished run: batch mixing, biological "
                                        "retrieval (mAP), BN-statistics shift, UMAPs",
                        description="Embed a finished run's test splits with its selected weights, aggregate to "
@@ -37,7 +39,7 @@ def add_parser(sub):
     p.add_argument("--run", required=True, metavar="RUN_ID",
                    help="run id, or a prefix naming one finished run (e.g. erm-s0); runs/<RUN_ID>/done.json must exist")
     p.add_argument("--out", metavar="DIR", help="where to write CSVs and PNGs (default: analysis/<RUN_ID>)")
-    p.add_argument("--epoch", type=int, help="epoch to analyse (default: the run's selected epoch)")
+    p.add_argument("--epoch", type=positive_int, help="epoch to analyse (default: the run's selected epoch)")
     p.add_argument("--data", metavar="URL", help="dataset location if it moved since the run (same checksum)")
     p.add_argument("--projection", choices=PROJECTIONS, default="umap",
                    help="2-D projection of the profiles: umap (umap-learn, default) or tsne (scikit-learn)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub):
     from platebench.harness.commands.session import add_launch_flags
-    from platebench.harness.flags import non_negative_int, positive_int
+    from platebench.harness.flags import add_seeds_flag, positive_int
 
     p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 5 seeds on quickstart) and "
                                      "write its leaderboard",
@@ -21,7 +21,7 @@ def add_parser(sub):
     p.add_argument("--data", help="dataset URL (overrides the suite's dataset)")
     p.add_argument("--split-scheme")
     p.add_argument("--methods", nargs="+", help="method names (replace the suite's list)")
-    p.add_argument("--seeds", nargs="+", type=non_negative_int)
+    add_seeds_flag(p)
     p.add_argument("--epochs", type=positive_int, help="epochs for every method")
     p.add_argument("--backbone")
     p.add_argument("--baseline")

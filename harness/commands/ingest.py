@@ -13,7 +13,7 @@ from dataclasses import replace
 from platebench.datasets import jump_meta
 from platebench.datasets.storage import StorageOptions, absolute
 
-from ..flags import add_json_flag, add_ray_flags, write_json
+from ..flags import add_json_flag, add_ray_flags, non_negative_int, positive_int, write_json
 
 
 def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: bool = True) -> None:
@@ -24,13 +24,13 @@ def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: boo
                         "is listed with its reason in OUT/skipped.json")
     if geometry:
         g = p.add_mutually_exclusive_group()
-        g.add_argument("--resize", type=int, metavar="N", help="resize every image to N x N (bilinear)")
-        g.add_argument("--crop", type=int, metavar="N", help="centre-crop every image to N x N")
+        g.add_argument("--resize", type=positive_int, metavar="N", help="resize every image to N x N (bilinear)")
+        g.add_argument("--crop", type=positive_int, metavar="N", help="centre-crop every image to N x N")
     r = p.add_argument_group("execution")
     r.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray: a Ray Data job parallel over plates (default); local: one process, for debugging")
     add_ray_flags(r)
-    r.add_argument("--parallelism", type=int, help="at most this many plates in flight (bounds memory)")
+    r.add_argument("--parallelism", type=positive_int, help="at most this many plates in flight (bounds memory)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(r, "the result")
 
@@ -56,10 +56,10 @@ def _jump_flags(p):
     _common(p, src_required=False, geometry=False)
     p.set_defaults(src="s3://cellpainting-gallery/cpg0016-jump")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--size", "--crop", dest="crop", type=int, metavar="N",
+    g.add_argument("--size", "--crop", dest="crop", type=positive_int, metavar="N",
                    help="one output size for all sources: centre-crop to N x N after downscaling (needed when "
                         "sources' image sizes differ)")
-    g.add_argument("--resize", type=int, metavar="N", help="resize to N x N after downscaling instead")
+    g.add_argument("--resize", type=positive_int, metavar="N", help="resize to N x N after downscaling instead")
     p.add_argument("--sources", nargs="+", required=True, metavar="SOURCE", help="e.g. source_3 source_8")
     p.add_argument("--metadata", required=True, metavar="URL",
                    help="jump-cellpainting/datasets metadata folder (plate.csv.gz, well.csv.gz, compound.csv.gz)")
@@ -68,18 +68,18 @@ def _jump_flags(p):
     p.add_argument("--exclude-batches", nargs="*", default=list(jump_meta.CSARMBN_EXCLUDED_BATCHES), metavar="BATCH",
                    help="batches to leave out (default: the 4 source_3 batches CS-ARM-BN drops)")
     p.add_argument("--illum", action="store_true", help="divide by the illumination functions [unverified maths]")
-    p.add_argument("--downscale", type=int, default=2, help="nearest-neighbour downscale factor (protocol: 2)")
+    p.add_argument("--downscale", type=positive_int, default=2, help="nearest-neighbour downscale factor (protocol: 2)")
     p.add_argument("--channels", nargs="+", default=["DNA", "ER", "RNA", "AGP", "Mito"])
     p.add_argument("--classes", nargs="+", default=sorted(jump_meta.POSCONS), metavar="JCP2022_ID",
                    help="class compounds (default: the 8 JUMP positive controls)")
     p.add_argument("--compounds", choices=["poscon", "all"], default="poscon",
                    help="poscon: class compounds + DMSO only (protocol); all: also every other compound, unlabelled")
     p.add_argument("--label-by", choices=["compound", "moa"], default="compound")
-    p.add_argument("--min-position-images", type=int, default=36,
+    p.add_argument("--min-position-images", type=positive_int, default=36,
                    help="drop labelled (compound, well) positions with at most this many images per source")
-    p.add_argument("--folds", type=int, default=5, help="plate-grouped folds per source")
+    p.add_argument("--folds", type=positive_int, default=5, help="plate-grouped folds per source")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of training batches held out for val")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=non_negative_int, default=0)
     p.add_argument("--path-map", nargs="*", default=[], metavar="FROM=TO",
                    help="rewrite load_data image URLs, e.g. s3://cellpainting-gallery/cpg0016-jump=/data/cpg0016-jump")
     p.add_argument("--src-signed", action="store_true",

@@ -15,19 +15,19 @@ def _common(p) -> None:
 
 
 def add_parser(sub):
+    from platebench.harness.flags import add_seed_flag, non_negative_int, positive_float, positive_int
     from platebench.harness.runner import Launch
-
 
     p = sub.add_parser("perf", help="benchmarks of the harness itself (throughput, overhead), as in-run ratios")
     perf = p.add_subparsers(dest="perf_command", metavar="BENCHMARK", required=True)
     d = perf.add_parser("data", help="stream images/s vs the same batches read by pyarrow threads, by a torch "
                                      "DataLoader, and one core's decompression + conversion limit")
     d.add_argument("--data", required=True, help="dataset root (e.g. the `large` preset)")
-    d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--parallelism", type=int, default=2,
+    d.add_argument("--batch-size", type=positive_int, default=64)
+    d.add_argument("--parallelism", type=positive_int, default=2,
                    help="concurrent read tasks / read threads / DataLoader workers")
-    d.add_argument("--limit-parts", type=int, help="read only the plates of the first N parts")
-    d.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each path is kept")
+    d.add_argument("--limit-parts", type=positive_int, help="read only the plates of the first N parts")
+    d.add_argument("--repeats", type=positive_int, default=2, help="interleaved repeats; the best of each path is kept")
     t = perf.add_parser("train", help="one `platebench run` epoch (Ray Train + Ray Data) vs a plain PyTorch loop "
                                       "over the same shards, training and evaluation alike")
     t.add_argument("--data", help="dataset root (default: the `quickstart` preset, generated into a temporary folder)")
@@ -35,34 +35,38 @@ def add_parser(sub):
     t.add_argument("--method", default="erm")
     t.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameter overrides")
     t.add_argument("--backbone", default="resnet-tiny")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=int, default=1, help="Ray Train workers / plain DDP processes")
-    t.add_argument("--cpus-per-worker", type=float, default=1.0, help="torch threads of each worker, both paths")
-    t.add_argument("--read-threads", type=int, default=4, help="pyarrow read threads of the plain loop")
-    t.add_argument("--cache-mb", type=int, default=Launch.cache_mb,
+    add_seed_flag(t, "the run's training")
+    t.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers / plain DDP processes")
+    t.add_argument("--cpus-per-worker", type=positive_float, default=1.0,
+                   help="torch threads of each worker, both paths")
+    t.add_argument("--read-threads", type=positive_int, default=4, help="pyarrow read threads of the plain loop")
+    t.add_argument("--cache-mb", type=non_negative_int, default=Launch.cache_mb,
                    help="per worker, both paths: parts kept in memory")
     t.add_argument("--gpu", action="store_true")
-    t.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the best wall time of each is kept")
+    t.add_argument("--repeats", type=positive_int, default=1,
+                   help="interleaved repeats; the best wall time of each is kept")
     u = perf.add_parser("tune", help="per-trial Tune+Train overhead vs a trial's training time")
     u.add_argument("--data", help="dataset root (default: the `quickstart` preset, generated into a temporary folder)")
     u.add_argument("--split-scheme", default="new_batches")
     u.add_argument("--method", default="erm")
-    u.add_argument("--trials", type=int, default=3)
-    u.add_argument("--epochs", type=int, help="epochs per trial (default: the method's, 10: a full quickstart trial)")
-    u.add_argument("--max-concurrent", type=int, default=1)
+    u.add_argument("--trials", type=positive_int, default=3)
+    u.add_argument("--epochs", type=positive_int,
+                   help="epochs per trial (default: the method's, 10: a full quickstart trial)")
+    u.add_argument("--max-concurrent", type=positive_int, default=1)
     m = perf.add_parser("methods", help="training-step time and peak memory of each method relative to ERM")
     m.add_argument("--methods", nargs="+")
     m.add_argument("--backbone", default="resnet-tiny")
-    m.add_argument("--batch-size", type=int, default=32)
-    m.add_argument("--image-size", type=int, default=32)
-    m.add_argument("--steps", type=int, default=10)
+    m.add_argument("--batch-size", type=positive_int, default=32)
+    m.add_argument("--image-size", type=positive_int, default=32)
+    m.add_argument("--steps", type=positive_int, default=10)
     i = perf.add_parser("ingest", help="ingestion images/s: the Ray Data job (first, then warm) vs a process pool "
                                        "of as many workers")
     i.add_argument("--src", help="raw dataset (default: generate an RxRx1-layout tree)")
     i.add_argument("--layout", default="rxrx1", choices=["rxrx1", "rxrx1-wilds", "jump-cp"])
-    i.add_argument("--experiments", type=int, default=3, help="generated experiments (4 plates of 616 sites each)")
-    i.add_argument("--size", type=int, default=128)
-    i.add_argument("--parallelism", type=int, help="Ray tasks and pool processes (default: the Ray CPUs)")
+    i.add_argument("--experiments", type=positive_int, default=3,
+                   help="generated experiments (4 plates of 616 sites each)")
+    i.add_argument("--size", type=positive_int, default=128)
+    i.add_argument("--parallelism", type=positive_int, help="Ray tasks and pool processes (default: the Ray CPUs)")
     for q in (d, t, u, m, i):
         _common(q)
     return p

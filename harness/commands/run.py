@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub):
     from platebench.harness.commands.session import add_launch_flags
-    from platebench.harness.flags import non_negative_int, positive_int
+    from platebench.harness.flags import add_seeds_flag, positive_int
 
     p = sub.add_parser("run", help="train one method for some seeds (Ray Train, DDP), evaluate every epoch",
                        description="Train METHOD on the dataset's split scheme for each seed, in Ray Train lanes. Runs "
@@ -14,7 +14,7 @@ def add_parser(sub):
     p.add_argument("--data", required=True, help="dataset root (dir or s3://)")
     p.add_argument("--split-scheme", required=True)
     p.add_argument("--method", required=True)
-    p.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0])
+    add_seeds_flag(p, default=[0])
     p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameter overrides")
     p.add_argument("--epochs", type=positive_int, help="shorthand for --hparams epochs=N")
     p.add_argument("--backbone", default="resnet-tiny", help="resnet-tiny | resnet18 | resnet50 | densenet161 | ...")

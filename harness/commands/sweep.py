@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub):
     from platebench.harness.commands.session import add_launch_flags
-    from platebench.harness.flags import non_negative_int, positive_int
+    from platebench.harness.flags import add_seed_flag, non_negative_int, positive_int
 
     p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune (Optuna TPE + ASHA); every trial is a "
                                      "Ray Train run",
@@ -20,7 +20,7 @@ def add_parser(sub):
     p.add_argument("--search", choices=["optuna", "random"], default="optuna")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: cores / workers)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the searcher and the trials' training seed")
+    add_seed_flag(p, "the searcher and the trials' training")
     p.add_argument("--epochs", type=positive_int, help="epochs per trial (and final runs)")
     p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="fixed (not searched) values")
     p.add_argument("--backbone", default="resnet-tiny")

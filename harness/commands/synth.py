@@ -15,7 +15,7 @@ from platebench.datasets.storage import StorageOptions, absolute
 from platebench.datasets.synth import PRESETS, get_preset, override_keys, plan
 
 from ..errors import HarnessError
-from ..flags import add_ray_flags, parse_pairs
+from ..flags import add_ray_flags, add_seed_flag, parse_pairs, positive_int
 
 
 def add_parser(sub):
@@ -25,8 +25,8 @@ def add_parser(sub):
                     "per plate, in the platebench shard format.")
     p.add_argument("--preset", default="quickstart", help=f"one of: {', '.join(PRESETS)} (default: quickstart)")
     p.add_argument("--out", help="dataset root: a folder, file:// or s3:// URL")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same bytes")
-    p.add_argument("--size", type=int, help="image side in pixels (overrides the preset's)")
+    add_seed_flag(p, "the generator; same seed, same bytes")
+    p.add_argument("--size", type=positive_int, help="image side in pixels (overrides the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. effects.strength=2 or layout.sources=4 (repeatable; "
                         "--list shows the keys)")
