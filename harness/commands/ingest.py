@@ -75,7 +75,7 @@ def _jump_flags(p):
     p.add_argument("--compounds", choices=["poscon", "all"], default="poscon",
                    help="poscon: class compounds + DMSO only (protocol); all: also every other compound, unlabelled")
     p.add_argument("--label-by", choices=["compound", "moa"], default="compound")
-    p.add_argument("--min-position-images", type=positive_int, default=36,
+    p.add_argument("--min-position-images", type=non_negative_int, default=36,
                    help="drop labelled (compound, well) positions with at most this many images per source")
     p.add_argument("--folds", type=positive_int, default=5, help="plate-grouped folds per source")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of training batches held out for val")

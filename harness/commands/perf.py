@@ -118,7 +118,6 @@ def _data(args) -> dict:
     from platebench.datasets.shards import open_dataset
     from platebench.harness.perf import data
 
-    _at_least(args, "batch-size", "parallelism", "limit-parts", "repeats")
     ds = open_dataset(args.data)
     _start_ray(args)
     return data.run(ds, args.batch_size, args.parallelism, args.limit_parts, args.repeats)
@@ -131,8 +130,6 @@ def _train(args) -> dict:
     from platebench.harness.flags import parse_pairs
     from platebench.harness.perf import train
 
-    _at_least(args, "workers", "read-threads", "repeats")
-    _at_least(args, "cache-mb", minimum=0)
     if args.cpus_per_worker < 1:
         from platebench.harness.errors import HarnessError
 
@@ -173,7 +170,6 @@ def _tune(args) -> dict:
 
     from platebench.harness.perf import tune
 
-    _at_least(args, "trials", "epochs", "max-concurrent")
     if args.data:
         from platebench.datasets.shards import open_dataset
 
@@ -193,7 +189,6 @@ def _tune(args) -> dict:
 def _ingest(args) -> dict:
     from platebench.harness.perf import ingest
 
-    _at_least(args, "size", "parallelism")
     if not args.src:
         _at_least(args, "experiments", minimum=3)  # 2 train experiments (one held out for validation) + test
     _start_ray(args)
