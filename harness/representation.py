@@ -19,7 +19,7 @@ well profiles (negative-control wells included). On those profiles, per test spl
   `bn_shift_kl`: symmetric KL (Jeffreys divergence, KL(p||q) + KL(q||p)) of the per-channel Gaussians N(mean,
   var + eps), mean over channels; `bn_shift_mmd`: biased RBF-kernel MMD between the per-image pooled features
   (the layer input averaged over space, standardised with the training reference's per-channel mean and std,
-  bandwidth = median squared distance within the reference), up to MMD_SAMPLES images a side. Records hold the
+  bandwidth = median squared distance within the reference), up to bn_shift.MMD_SAMPLES images a side. Records hold the
   mean over layers per plate, per batch (mean of its plates) and overall; `Representation.bn_shift` holds the
   per-layer values.
 
@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 import torch
 from platebench.methods import Batch, Method
 from platebench.methods.distributed import all_gather_objects
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batching import to_batch
+from .bn_shift import BNCapture, Moments, Reference
 from .rebatch import Rebatcher, RowBatch
 from .records import REPRESENTATION
 from .representation_metrics import (
@@ -52,10 +52,8 @@ from .representation_metrics import (
     average_precision,
     consistency_map,
     ilisi,
-    kernel_mean,
     mmd,
     silhouette_batch,
-    sq_dists,
     symmetric_kl,
 )
 from .stream import PlateStream, StreamConfig
@@ -63,7 +61,6 @@ from .stream import PlateStream, StreamConfig
 PROTOCOL = REPRESENTATION
 METRICS = ("map_activity", "frac_retrieved", "map_consistency", "silhouette_batch", "ilisi", "bn_shift_kl",
            "bn_shift_mmd")
-MMD_SAMPLES = 512  # images per side of the MMD (reservoir): bounds memory and the kernel's cost
 REFERENCE_IMAGES_PER_PLATE = 256  # training images per plate for the BN-shift reference (whole batches)
 WELL_COLUMNS = ("plate", "well", "batch", "source", "cell_type", "perturbation", "label", "is_control")
 
@@ -124,14 +121,14 @@ def analyze(method: Method, evaluator, train_reference: Iterable[Batch] | None, 
             null_size: int = NULL_SIZE, seed: int = 0) -> Representation:
     """Embed, aggregate and measure (see the module docstring); rows, profiles and per-layer BN shifts."""
     method.eval()
-    with torch.no_grad(), _BNCapture(method) as capture:
+    with torch.no_grad(), BNCapture(method) as capture:
         reference = None
         if train_reference is not None and capture.names:
-            local = _Moments(len(capture.names), seed)
+            local = Moments(len(capture.names), seed)
             for batch in train_reference:  # queries first, as to_batch makes them
                 batch = batch.to(evaluator.device)
                 capture.embed(method, batch, local, int(batch.queries.sum()))
-            reference = _Reference.merge(all_gather_objects([local.state()]), capture, seed)
+            reference = Reference.merge(all_gather_objects([local.state()]), capture, seed)
         local_splits = {split: _embed_split(method, evaluator, split, capture, reference, seed)
                         for split in evaluator.test_splits}
     depth = {name: k for k, name in enumerate(capture.order)}  # forward order (the same on every rank)
@@ -251,7 +248,7 @@ def _to_batch(stream: PlateStream, item: RowBatch) -> Batch:
     return to_batch(item, stream.manifest, stream.domains, None, None, False, stream.config.channel_stats)
 
 
-def _embed_split(method: Method, evaluator, split: str, capture: _BNCapture, reference: _Reference | None,
+def _embed_split(method: Method, evaluator, split: str, capture: BNCapture, reference: Reference | None,
                  seed: int) -> dict:
     """This rank's well sums and per-plate BN shifts of one split."""
     ev = evaluator
@@ -260,7 +257,7 @@ def _embed_split(method: Method, evaluator, split: str, capture: _BNCapture, ref
     wells, shifts = _Wells(), []
     for plate, _ in stream.plan(0)[0]:
         items, controls = _plate_items(stream, ev.cache, plate, control_expr)
-        moments = _Moments(len(capture.names), seed) if reference is not None else None
+        moments = Moments(len(capture.names), seed) if reference is not None else None
         n_queries = 0
         tta_controls = ev.track == "tta" and controls is not None
         control_chunks = _split_rows_evenly(controls, len(items)) if tta_controls else []
@@ -339,190 +336,6 @@ class _Wells:
         df["n"] = counts
         df["is_control"] = df["is_control"].astype(bool)
         return Profiles((sums / counts[:, None]).astype(np.float32), df, int(counts.sum()))
-
-
-# ---------------------------------------------------------------------------------------------
-# BatchNorm statistics
-# ---------------------------------------------------------------------------------------------
-class _BNCapture:
-    """Forward pre-hooks on every BatchNorm layer of a method: each embed hands the layers' inputs (query rows
-    only) to an accumulator. A layer counts once per embed, at its first call holding the batch's rows (all of
-    them, or just the queries), so a method's extra forwards (e.g. over the control context) are not mixed in."""
-
-    def __init__(self, method: Method):
-        self.layers = [(name, m) for name, m in method.named_modules() if isinstance(m, _BatchNorm)]
-        self.names = [name for name, _ in self.layers]
-        self.order: list[str] = []  # layer names in the order a forward first reaches them
-        self._handles: list = []
-        self._target: _Moments | None = None
-        self._rows = self._queries = 0
-        self._done: set[int] = set()
-
-    def __enter__(self) -> _BNCapture:
-        self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, (_, m) in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _hook(self, i: int):
-        def hook(module, args):
-            if self._target is None or i in self._done or not args or not torch.is_tensor(args[0]):
-                return
-            x = args[0]
-            if x.shape[0] == self._rows:
-                x = x[: self._queries]
-            elif x.shape[0] != self._queries:
-                return
-            self._done.add(i)
-            if len(self.order) < len(self.names) and self.names[i] not in self.order:
-                self.order.append(self.names[i])
-            self._target.add(i, x.detach())
-
-        return hook
-
-    def embed(self, method: Method, batch: Batch, target: _Moments | None, n_queries: int) -> torch.Tensor:
-        """`method.embed(batch)`; BN inputs of the first `n_queries` rows go to `target` (None: nowhere)."""
-        if target is not None and n_queries:
-            target.start_batch(n_queries)
-        self._target = target if n_queries else None
-        self._rows, self._queries, self._done = len(batch), n_queries, set()
-        try:
-            return method.embed(batch)
-        finally:
-            self._target = None
-
-
-class _Moments:
-    """Per BN layer: the per-channel count, mean and sum of squared deviations of the input over images and
-    pixels (kept per batch, pooled exactly in float64 by `state`), and a reservoir of up to MMD_SAMPLES per-image
-    pooled inputs, the same images for every layer."""
-
-    def __init__(self, n_layers: int, seed: int):
-        self.groups: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in range(n_layers)]
-        self.pooled: list[np.ndarray | None] = [None] * n_layers
-        self.seen = 0
-        self.rng = np.random.default_rng([seed, 17])
-        self._rows = self._slots = np.zeros(0, dtype=np.int64)
-
-    def start_batch(self, n: int) -> None:
-        rows, slots = [], []
-        for r in range(n):  # reservoir sampling (algorithm R) over the images, decided once for all layers
-            if self.seen < MMD_SAMPLES:
-                rows.append(r)
-                slots.append(self.seen)
-            else:
-                j = int(self.rng.integers(0, self.seen + 1))
-                if j < MMD_SAMPLES:
-                    rows.append(r)
-                    slots.append(j)
-            self.seen += 1
-        self._rows, self._slots = np.asarray(rows, dtype=np.int64), np.asarray(slots, dtype=np.int64)
-
-    def add(self, i: int, x: torch.Tensor) -> None:
-        x = x.float()
-        pooled = x.flatten(2).mean(2) if x.dim() > 2 else x  # per image [n, C]; every image has as many pixels
-        mean = pooled.mean(0)
-        # two passes (exact; 20x faster than torch.var_mean on CPU here), squaring the centred copy in place
-        m2 = (x - mean.view(1, -1, *([1] * (x.dim() - 2)))).square_().sum([0, *range(2, x.dim())])
-        self.groups[i].append((x.numel() // x.shape[1], mean, m2))
-        if len(self._rows):
-            if self.pooled[i] is None:
-                self.pooled[i] = np.zeros((MMD_SAMPLES, x.shape[1]), dtype=np.float32)
-            self.pooled[i][self._slots] = pooled[torch.as_tensor(self._rows, device=x.device)].cpu().numpy()
-
-    def state(self) -> dict:
-        moments = [_pool([(n, m.double().cpu().numpy(), q.double().cpu().numpy()) for n, m, q in g]) if g else None
-                   for g in self.groups]
-        kept = min(self.seen, MMD_SAMPLES)
-        return {"moments": moments, "pooled": [None if p is None else p[:kept] for p in self.pooled]}
-
-    @staticmethod
-    def stats(moments: tuple[int, np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """(mean, biased variance) per channel."""
-        return None if moments is None else (moments[1], moments[2] / moments[0])
-
-
-def _pool(groups: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Groups (count, mean, sum of squared deviations) pooled into one, exactly (Chan et al.'s formula)."""
-    counts = np.array([n for n, _, _ in groups], dtype=np.float64)
-    means = np.stack([m for _, m, _ in groups])
-    total = counts.sum()
-    mean = counts @ means / total
-    m2 = np.stack([q for _, _, q in groups]).sum(0) + counts @ (means - mean) ** 2
-    return int(total), mean, m2
-
-
-@dataclass
-class _Reference:
-    """The training plates' statistics per BN layer, merged over ranks."""
-
-    names: list[str]
-    eps: list[float]
-    stats: list[tuple[np.ndarray, np.ndarray] | None]
-    centre: list[np.ndarray | None]  # pooled-feature standardisation
-    scale: list[np.ndarray | None]
-    sample: list[np.ndarray | None]  # standardised pooled features (<= MMD_SAMPLES)
-    bandwidth: list[float]
-    self_kernel: list[float]  # mean kernel within the sample (the MMD's constant term)
-
-    @classmethod
-    def merge(cls, states: list[dict], capture: _BNCapture, seed: int) -> _Reference:
-        n = len(capture.names)
-        moments: list[list] = [[] for _ in range(n)]
-        pooled: list[list[np.ndarray]] = [[] for _ in range(n)]
-        for st in states:
-            for i in range(n):
-                if st["moments"][i] is not None:
-                    moments[i].append(st["moments"][i])
-                    pooled[i].append(st["pooled"][i])
-        ref = cls(names=capture.names, eps=[float(m.eps) for _, m in capture.layers], stats=[], centre=[], scale=[],
-                  sample=[], bandwidth=[], self_kernel=[])
-        rng = np.random.default_rng([seed, 29])
-        for i in range(n):
-            ref.stats.append(_Moments.stats(_pool(moments[i]) if moments[i] else None))
-            x = np.concatenate(pooled[i]).astype(np.float64) if pooled[i] else np.zeros((0, 0))
-            centre = scale = z = None
-            bandwidth = self_kernel = float("nan")
-            if len(x) >= 2:
-                if len(x) > MMD_SAMPLES:  # every rank kept a reservoir: one seeded subsample of their union
-                    x = x[np.sort(rng.choice(len(x), MMD_SAMPLES, replace=False))]
-                centre, scale = x.mean(0), x.std(0)
-                scale = np.where(scale > 1e-12, scale, 1.0)  # a constant channel stays centred
-                z = (x - centre) / scale
-                median = float(np.median(sq_dists(z, z)[np.triu_indices(len(z), 1)]))
-                bandwidth = median if median > 0 else 1.0
-                self_kernel = kernel_mean(z, z, bandwidth)
-            ref.centre.append(centre)
-            ref.scale.append(scale)
-            ref.sample.append(z)
-            ref.bandwidth.append(bandwidth)
-            ref.self_kernel.append(self_kernel)
-        return ref
-
-    def shift(self, moments: _Moments) -> dict:
-        """Per layer: symmetric KL (mean over channels) and MMD of one plate against the reference."""
-        state = moments.state()
-        kl, mmds = [], []
-        for i in range(len(self.names)):
-            ref, plate = self.stats[i], _Moments.stats(state["moments"][i])
-            if ref is None or plate is None:
-                kl.append(None)
-                mmds.append(None)
-                continue
-            eps = self.eps[i]
-            kl.append(float(np.mean(symmetric_kl(ref[0], ref[1] + eps, plate[0], plate[1] + eps))))
-            y = state["pooled"][i]
-            if self.sample[i] is None or y is None or len(y) == 0:
-                mmds.append(None)
-                continue
-            z = (y.astype(np.float64) - self.centre[i]) / self.scale[i]
-            b = self.bandwidth[i]
-            value = self.self_kernel[i] + kernel_mean(z, z, b) - 2.0 * kernel_mean(self.sample[i], z, b)
-            mmds.append(math.sqrt(max(value, 0.0)))
-        return {"layers": list(self.names), "kl": kl, "mmd": mmds}
 
 
 __all__ = ["METRICS", "PROTOCOL", "Profiles", "Representation", "activity_map", "analyze", "average_precision",

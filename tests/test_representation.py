@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from platebench.datasets.shards import open_dataset
+from platebench.harness import bn_shift
 from platebench.harness import representation as rep
 from platebench.harness.evaluate import Evaluator
 from platebench.harness.records import METRICS, PROTOCOLS, records_table, validate
@@ -111,12 +112,12 @@ def test_symmetric_kl_equals_the_closed_form_and_mmd_is_zero_for_identical_sampl
 
 
 def test_bn_moments_pool_batches_exactly():
-    moments = rep._Moments(1, seed=0)
+    moments = bn_shift.Moments(1, seed=0)
     xs = [torch.randn(n, 3, 4, 4) * 2 + 5 for n in (5, 7, 1)]
     for x in xs:
         moments.start_batch(len(x))
         moments.add(0, x)
-    mean, var = rep._Moments.stats(moments.state()["moments"][0])
+    mean, var = bn_shift.Moments.stats(moments.state()["moments"][0])
     whole = torch.cat(xs).double()
     np.testing.assert_allclose(mean, whole.mean([0, 2, 3]).numpy(), rtol=1e-6)
     np.testing.assert_allclose(var, whole.var([0, 2, 3], unbiased=False).numpy(), rtol=1e-5)
