@@ -58,7 +58,7 @@ def test_suite_files_are_strict(tmp_path):
 
 
 @pytest.mark.parametrize("suite,method,recipe", [
-    ("quickstart", "abra", {"batch_size": "32", "epochs": "16", "warmup_epochs": "2", "lr": "0.003",
+    ("quickstart", "abra", {"batch_size": "32", "epochs": "24", "warmup_epochs": "2", "lr": "0.003",
                             "cutmix_prob": "1.0"}),
     ("abra-rxrx1", "abra", {"batch_size": "128", "epochs": "100", "warmup_epochs": "10", "optimizer": "adam",
                             "augment": "flip-rot90-crop", "cutmix_prob": "1.0", "insert_at": "res4"}),
