@@ -10,7 +10,7 @@ hyperparameters on 5 training seeds. On each data seed's leaderboard:
     corrections to be measurable;
   * per-plate normalisation helps, measurably: AdaBN's gain over ERM on test has a 95% interval above 0.
     AdaBN and ERM share the weights, so the paired difference isolates test-time adaptation exactly.
-About 4 minutes on 2 cores; `pytest tests/test_synth_calibration.py -rP` prints the figures.
+About 3 minutes per data seed on 2 cores; `pytest tests/test_synth_calibration.py -rP` prints the figures.
 """
 
 from __future__ import annotations
