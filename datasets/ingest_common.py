@@ -4,7 +4,7 @@ An adapter turns a raw layout (RxRx1 PNGs, JUMP TIFFs + load_data) into
   1. a plan (`IngestPlan`): the plates, each with what to read, plus the manifest pieces (classes,
      negative control, split schemes as predicates, provenance) — built on the driver, pure data;
   2. `load_plate(plan, plate, skipped) -> pyarrow.Table` in the shard schema (`shards.make_table`),
-     run once per plate, in parallel, by `platebench.harness.ingest_job`.
+     run once per plate, in parallel, by `platebench.harness.prepare.ingest`.
 Nothing here knows Ray: a plan is picklable and JSON-able, and parallel work during planning goes
 through a `pmap` callable the harness passes in (builtin `map` works).
 """

@@ -23,9 +23,9 @@ from platebench.harness import ray_local
 ray_local.apply_env()
 
 from platebench.datasets.shards import open_dataset  # noqa: E402
-from platebench.harness.records import read_records  # noqa: E402
-from platebench.harness.runner import Launch, fit_run  # noqa: E402
-from platebench.harness.runspec import build_specs  # noqa: E402
+from platebench.harness.results.records import read_records  # noqa: E402
+from platebench.harness.train.runner import Launch, fit_run  # noqa: E402
+from platebench.harness.train.runspec import build_specs  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 
@@ -66,8 +66,8 @@ def _mlflow_on_second_node(data: str, work: str, uri: str, address: str, head_id
     """A 1-worker run that only the second node can take, logging to the driver's tracking server."""
     import ray
     from mlflow.tracking import MlflowClient
-    from platebench.harness import tracking
     from platebench.harness.commands import session
+    from platebench.harness.train import tracking
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     args = SimpleNamespace(no_mlflow=False, out=f"{work}/mlflow-out", mlflow_uri=uri, address=address)
@@ -123,7 +123,8 @@ def main(data: str, work: str) -> None:
                                              round(r["value"], 6)) for r in rows)
         _wait_for(uri, server)
         out.update(_mlflow_on_second_node(data, work, uri, cluster.address, cluster.head_node.node_id))
-        from platebench.harness import sweep, tune_space
+        from platebench.harness.tune import space as tune_space
+        from platebench.harness.tune import sweep
 
         cfg = sweep.SweepConfig(data=data, split_scheme="new_batches", method="erm",
                                 space=tune_space.for_method("erm"), trials=2, search="random", scheduler="none",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from platebench.harness.records import write_epoch_records
+from platebench.harness.results.records import write_epoch_records
 
 BLOCK_MEANS = {
     ("alpha", "s1", "test"): {"erm": 0.50, "m1": 0.55, "m2": 0.45, "m3": 0.40, "t1+tta": 0.52},

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers_methods_b import TASK, bit_identical, network_state, plate_batch
-from platebench.harness.augment import AUGMENT_POLICIES, dihedral, random_resized_crop
-from platebench.harness.schedule import lr_factor
+from platebench.harness.data.augment import AUGMENT_POLICIES, dihedral, random_resized_crop
+from platebench.harness.train.schedule import lr_factor
 from platebench.methods import Batch, MethodError, get_method
 from platebench.methods.base import queries_with_labels
 from platebench.methods.blocks.cutmix import MixedTargets

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from platebench.harness import bench
+from platebench.harness import suite as bench
 from platebench.harness.cli import main
 from platebench.harness.errors import HarnessError
 

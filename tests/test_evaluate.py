@@ -1,8 +1,8 @@
 """Evaluation protocol choices that records depend on (no training needed)."""
 
 from platebench.datasets.shards import open_dataset
-from platebench.harness.evaluate import Evaluator
-from platebench.harness.runspec import build_specs, task_spec
+from platebench.harness.train.evaluate import Evaluator
+from platebench.harness.train.runspec import build_specs, task_spec
 from platebench.methods import get_method
 from shard_fixtures import build_tiny_dataset
 

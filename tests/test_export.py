@@ -13,10 +13,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from platebench.datasets.manifest import Manifest
-from platebench.harness import sources
 from platebench.harness.cli import main
 from platebench.harness.errors import HarnessError
-from platebench.harness.leaderboard import build_leaderboard
+from platebench.harness.results import sources
+from platebench.harness.results.leaderboard import build_leaderboard
 from shard_fixtures import build_tiny_dataset
 
 PICKLE, ZIP = b"\x80", b"PK\x03\x04"  # pickle protocol >= 2; zip, which torch.save writes

@@ -14,8 +14,8 @@ from platebench.datasets.errors import StorageError
 from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import StorageOptions
 from platebench.harness.cli import main
-from platebench.harness.records import read_records
-from platebench.harness.stream import PlateStream, StreamConfig
+from platebench.harness.data.stream import PlateStream, StreamConfig
+from platebench.harness.results.records import read_records
 from shard_fixtures import build_tiny_dataset
 from tcp_proxy import TcpProxy
 

@@ -10,7 +10,7 @@ import pytest
 from platebench.datasets.errors import DatasetError
 from platebench.datasets.shards import open_dataset
 from platebench.harness.cli import main
-from platebench.harness.ingest_job import run_ingest
+from platebench.harness.prepare.ingest import run_ingest
 from raw_fixtures import build_rxrx1, build_wilds
 
 PLATES = ["HEPG2-01_1", "HEPG2-01_2", "HEPG2-02_1", "HEPG2-03_1", "U2OS-01_1", "U2OS-02_1", "U2OS-03_1"]

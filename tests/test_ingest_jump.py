@@ -12,7 +12,7 @@ from platebench.datasets import adapters
 from platebench.datasets.errors import DatasetError
 from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import StorageOptions
-from platebench.harness.ingest_job import run_ingest
+from platebench.harness.prepare.ingest import run_ingest
 from raw_fixtures import BUCKET, C0, C1, C2, DMSO, JUMP_CHANNELS, _tiff, build_jump, jump_expected, write_load_data
 
 SOURCES = ["source_3", "source_8"]

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from platebench.datasets.errors import DatasetError
 from platebench.datasets.shards import open_dataset
-from platebench.harness.ingest_job import run_ingest
+from platebench.harness.prepare.ingest import run_ingest
 from raw_fixtures import RXRX1_COLUMNS, build_rxrx1, build_wilds
 
 

@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pytest
 from platebench.harness.cli import main
 from platebench.harness.errors import HarnessError
-from platebench.harness.leaderboard import build_leaderboard
-from platebench.harness.records import read_records, write_epoch_records
-from platebench.harness.report import to_markdown, write_report
+from platebench.harness.results.leaderboard import build_leaderboard
+from platebench.harness.results.records import read_records, write_epoch_records
+from platebench.harness.results.report import to_markdown, write_report
 from scipy import stats as sps
 
 CURVE = {"val": {1: 0.30, 2: 0.40, 3: 0.35}, "test": {1: 0.20, 2: 0.25, 3: 0.45},
@@ -227,7 +227,7 @@ def test_oracle_is_refused(store):
 
 
 def test_best_configs_override(store):
-    from platebench.harness.best_configs import parse
+    from platebench.harness.results.best_configs import parse
 
     b = build_leaderboard(read_records(store), best_configs=parse({"mixstyle": {"hparams": {"p": 0.1}, "trials": 24}}))
     m = rows(table(b, "test", "standard"))[("mixstyle", "standard")]

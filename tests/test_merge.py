@@ -12,12 +12,12 @@ import shutil
 import numpy as np
 import pytest
 from leaderboard_fixtures import BLOCK_MEANS, run_id, write_root
-from platebench.harness import sources
 from platebench.harness.cli import main
 from platebench.harness.errors import HarnessError
-from platebench.harness.leaderboard import build_leaderboard
-from platebench.harness.records import read_records
-from platebench.harness.report import plot_names, to_html, to_markdown
+from platebench.harness.results import sources
+from platebench.harness.results.leaderboard import build_leaderboard
+from platebench.harness.results.records import read_records
+from platebench.harness.results.report import plot_names, to_html, to_markdown
 from scipy import stats as sps
 
 STANDARD = ("erm", "m1", "m2", "m3")

@@ -13,11 +13,11 @@ import pytest
 import torch
 from platebench.datasets.shards import open_dataset
 from platebench.harness.cli import build_parser, main
+from platebench.harness.data.stream import PlateStream, StreamConfig
 from platebench.harness.perf import data, ingest, train, tune
 from platebench.harness.perf.common import MACHINE_KEYS, emit
 from platebench.harness.perf.plain import PlainPlateStream, close_loader, plate_loader
-from platebench.harness.runspec import check_trainable
-from platebench.harness.stream import PlateStream, StreamConfig
+from platebench.harness.train.runspec import check_trainable
 
 
 def _emitted(name: str, figures: dict, keys, path) -> dict:

@@ -3,7 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from platebench.harness.rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
+from platebench.harness.data.rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
 
 
 def rebatch(triples, spec):

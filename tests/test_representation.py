@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 from platebench.datasets.shards import open_dataset
-from platebench.harness import bn_shift
-from platebench.harness import representation as rep
-from platebench.harness.evaluate import Evaluator
-from platebench.harness.records import METRICS, PROTOCOLS, records_table, validate
-from platebench.harness.runspec import build_specs, task_spec
-from platebench.harness.stream import PartCache, PlateStream, StreamConfig
+from platebench.harness.analysis import bn_shift
+from platebench.harness.analysis import representation as rep
+from platebench.harness.data.stream import PartCache, PlateStream, StreamConfig
+from platebench.harness.results.records import METRICS, PROTOCOLS, records_table, validate
+from platebench.harness.train.evaluate import Evaluator
+from platebench.harness.train.runspec import build_specs, task_spec
 from platebench.methods import get_method
 from shard_fixtures import build_tiny_dataset
 
@@ -214,9 +214,9 @@ def test_analyze_command_writes_tables_plots_records_and_mlflow_artifacts(tiny, 
     import json
 
     from mlflow.tracking import MlflowClient
-    from platebench.harness.checkpointing import TrainingStore
     from platebench.harness.cli import main
-    from platebench.harness.records import read_records
+    from platebench.harness.results.records import read_records
+    from platebench.harness.train.checkpointing import TrainingStore
 
     ds, _ = tiny
     spec = build_specs(ds, "new_batches", "erm", {}, [0], "resnet-tiny")[0]

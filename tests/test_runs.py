@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from platebench.harness.cli import main
-from platebench.harness.records import read_records
+from platebench.harness.results.records import read_records
 
 
 @pytest.fixture(scope="module")

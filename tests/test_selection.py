@@ -5,11 +5,11 @@ import random
 
 import pyarrow as pa
 import pytest
-from platebench.harness.best_configs import parse as parse_best_configs
-from platebench.harness.configs import choose_configs
 from platebench.harness.errors import HarnessError
-from platebench.harness.records import read_records, records_table, validate, write_epoch_records
-from platebench.harness.selection import select_epoch, selected_results
+from platebench.harness.results.best_configs import parse as parse_best_configs
+from platebench.harness.results.configs import choose_configs
+from platebench.harness.results.records import read_records, records_table, validate, write_epoch_records
+from platebench.harness.results.selection import select_epoch, selected_results
 
 # val peaks at epoch 2, test at epoch 3, id_test at epoch 1: any rule reading a test split would move.
 VAL = {1: 0.30, 2: 0.40, 3: 0.35}
@@ -171,8 +171,8 @@ def test_parse_best_configs_is_strict():
 
 def test_what_a_sweep_writes_the_leaderboard_reads(tmp_path):
     """One schema: the sweep's writer output parses, with every field it wrote."""
-    from platebench.harness import sweep
-    from platebench.harness.runner import Launch
+    from platebench.harness.train.runner import Launch
+    from platebench.harness.tune import sweep
 
     best = {"method": "abra", "hparams": {"lr": 0.001}, "trials": 8, "value": 0.61, "selection_split": "val",
             "selection_rule": "ood-validation", "experiment": "sweep-abra-x"}
@@ -183,7 +183,7 @@ def test_what_a_sweep_writes_the_leaderboard_reads(tmp_path):
 
 
 def test_empty_table_selects_nothing():
-    from platebench.harness.records import RECORD_SCHEMA
+    from platebench.harness.results.records import RECORD_SCHEMA
 
     assert len(selected_results(RECORD_SCHEMA.empty_table())) == 0
     assert isinstance(selected_results(RECORD_SCHEMA.empty_table()), pa.Table)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from platebench.harness import stats
+from platebench.harness.results import stats
 from scipy import stats as sps
 
 METHOD = [0.274, 0.277, 0.301, 0.268, 0.290]

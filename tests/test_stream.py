@@ -3,7 +3,7 @@
 import pytest
 import torch
 from platebench.datasets.shards import open_dataset
-from platebench.harness.stream import PlateStream, StreamConfig
+from platebench.harness.data.stream import PlateStream, StreamConfig
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from platebench.harness import sweep, tune_space
 from platebench.harness.cli import main
-from platebench.harness.records import write_epoch_records
-from platebench.harness.runner import Launch
+from platebench.harness.results.records import write_epoch_records
+from platebench.harness.train.runner import Launch
+from platebench.harness.tune import space as tune_space
+from platebench.harness.tune import sweep
 from ray_procs import kill_ray_under
 from shard_fixtures import build_tiny_dataset
 

@@ -53,7 +53,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
 
 
 def test_s3_output_has_the_same_checksums_as_local_disk(serial, s3_env):
-    from platebench.harness.synth_job import generate
+    from platebench.harness.prepare.synth import generate
 
     s3_env.create_bucket("pb-synth")
     opts = s3_env.options()

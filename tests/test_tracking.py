@@ -1,6 +1,6 @@
 """MLflow writes from the background tracker: runs found again after a restart, replayed epochs logged once."""
 
-from platebench.harness import tracking
+from platebench.harness.train import tracking
 
 
 def test_a_restarted_worker_reopens_its_runs_and_logs_a_replayed_epoch_once(tmp_path):

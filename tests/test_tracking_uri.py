@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 from platebench.harness.errors import HarnessError
-from platebench.harness.tracking import worker_tracking_uri
+from platebench.harness.train.tracking import worker_tracking_uri
 
 HEAD = "10.0.3.7"  # the driver node's cluster address: not loopback
 

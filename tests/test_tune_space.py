@@ -2,8 +2,8 @@
 
 import pytest
 import yaml
-from platebench.harness import tune_space
 from platebench.harness.errors import HarnessError
+from platebench.harness.tune import space as tune_space
 from platebench.methods.registry import names
 
 
@@ -91,7 +91,7 @@ def test_dataset_overrides_apply_only_to_that_dataset(tmp_path):
 
 
 def test_unreadable_space_and_suite_files_are_refused_naming_the_file(tmp_path):
-    from platebench.harness.bench import Suite
+    from platebench.harness.suite import Suite
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("params: [unclosed\n")

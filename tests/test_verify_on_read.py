@@ -45,7 +45,7 @@ def _edit_splits(root, **splits):
 # ---- (a) the stream verifies what it reads -----------------------------------------------------------------
 @pytest.mark.usefixtures("ray_session")
 def test_stream_refuses_a_part_that_still_decodes_but_fails_its_checksum(tmp_path):
-    from platebench.harness.stream import PartCache, PlateStream, StreamConfig
+    from platebench.harness.data.stream import PartCache, PlateStream, StreamConfig
 
     root = build_tiny_dataset(tmp_path / "ds")
     part = _change_one_pixel(root, "b2p1")
@@ -67,7 +67,7 @@ def test_stream_refuses_a_part_that_still_decodes_but_fails_its_checksum(tmp_pat
 def test_ray_data_keeps_the_type_of_a_read_tasks_dataset_error(tmp_path):
     """What the training lane relies on: Ray re-raises a read task's error as a subclass of DatasetError."""
     import ray.data
-    from platebench.harness.shard_source import PlateShardDatasource, plain_error
+    from platebench.harness.data.source import PlateShardDatasource, plain_error
     from ray.exceptions import RayTaskError
 
     root = build_tiny_dataset(tmp_path / "ds")

@@ -1,6 +1,6 @@
 """Write a planned synthetic dataset to any fsspec URL: one plate (for parallel callers) or all, serially.
 
-The Ray job in `platebench.harness.synth_job` calls `write_one` from one task per plate; tests and
+The Ray job in `platebench.harness.prepare.synth` calls `write_one` from one task per plate; tests and
 small scripts call `write_dataset`. Either way the manifest is written last, after every part exists.
 """
 

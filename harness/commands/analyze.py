@@ -26,7 +26,7 @@ PROJECTIONS = ("umap", "tsne")
 
 
 def add_parser(sub):
-    from platebench.harness.flags import positive_int
+    from platebench.harness.commands.flags import positive_int
 
     p = sub.add_parser("analyze", help="representation analysis of a finished run: batch mixing, biological "
                                        "retrieval (mAP), BN-statistics shift, UMAPs",
@@ -81,15 +81,15 @@ def _resolve_run(storage: str, prefix: str) -> str:
 def run(args) -> int:
     import torch
     from platebench.datasets.shards import open_dataset
-    from platebench.harness.batching import on_device
+    from platebench.harness.data.batching import on_device
     from platebench.methods import get_method
 
-    from ..checkpointing import TrainingStore
-    from ..evaluate import Evaluator
-    from ..records import write_epoch_records
-    from ..representation import analyze, training_batches
-    from ..runspec import RunSpec, task_spec
-    from ..stream import PartCache
+    from ..analysis.representation import analyze, training_batches
+    from ..data.stream import PartCache
+    from ..results.records import write_epoch_records
+    from ..train.checkpointing import TrainingStore
+    from ..train.evaluate import Evaluator
+    from ..train.runspec import RunSpec, task_spec
 
     args.run = _resolve_run(args.records, args.run)
     spec = RunSpec.from_dict(_run_file(args.records, args.run, "spec.json"))
@@ -127,7 +127,7 @@ def _channel_stats(spec, store, ds, cache):
         return None
     stats = store.read_json("channel_stats.json")
     if stats is None:
-        from ..channel_stats import channel_stats
+        from ..data.channel_stats import channel_stats
 
         stats = channel_stats(ds, spec.split_scheme, "train", cache)
     return tuple(stats[0]), tuple(stats[1])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub):
+    from platebench.harness.commands.flags import add_seeds_flag, positive_int
     from platebench.harness.commands.session import add_launch_flags
-    from platebench.harness.flags import add_seeds_flag, positive_int
 
     p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 5 seeds on quickstart) and "
                                      "write its leaderboard",
@@ -45,7 +45,7 @@ def _apply_flags(suite, args) -> None:
         if suite.baseline not in suite.methods:
             suite.baseline = args.methods[0]
     if args.hparams:
-        from platebench.harness.flags import parse_pairs
+        from platebench.harness.commands.flags import parse_pairs
 
         common = parse_pairs("--hparams", args.hparams)
         suite.methods = {m: {**hp, **common} for m, hp in suite.methods.items()}
@@ -61,15 +61,15 @@ def run(args) -> int:
     from pathlib import Path
 
     from platebench.datasets.shards import open_dataset
-    from platebench.harness import bench
+    from platebench.harness import suite as bench
     from platebench.harness.commands import session
     from platebench.harness.errors import HarnessError
-    from platebench.harness.leaderboard import build_leaderboard
-    from platebench.harness.records import read_records
-    from platebench.harness.report import to_markdown, write_report
-    from platebench.harness.runner import require_runs_ok, run_many
-    from platebench.harness.sources import read_done_markers
-    from platebench.harness.tracking import end_parent
+    from platebench.harness.results.leaderboard import build_leaderboard
+    from platebench.harness.results.records import read_records
+    from platebench.harness.results.report import to_markdown, write_report
+    from platebench.harness.results.sources import read_done_markers
+    from platebench.harness.train.runner import require_runs_ok, run_many
+    from platebench.harness.train.tracking import end_parent
 
     t0 = time.time()
     if args.list_suites:

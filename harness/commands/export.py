@@ -24,7 +24,7 @@ def add_parser(sub):
 def run(args) -> int:
     import sys
 
-    from platebench.harness.bundle import export_bundle
+    from platebench.harness.results.bundle import export_bundle
 
     b = export_bundle(args.records, args.out, methods=args.methods, dataset=args.dataset)
     methods = sorted({r["method"] for r in b["runs"]})

@@ -13,7 +13,7 @@ from dataclasses import replace
 from platebench.datasets import jump_meta
 from platebench.datasets.storage import StorageOptions, absolute
 
-from ..flags import add_json_flag, add_ray_flags, non_negative_int, positive_int, write_json
+from .flags import add_json_flag, add_ray_flags, non_negative_int, positive_int, write_json
 
 
 def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: bool = True) -> None:
@@ -118,7 +118,7 @@ def _src_options(layout: str, args) -> StorageOptions:
 
 
 def run(args) -> int:
-    from ..ingest_job import run_ingest
+    from ..prepare.ingest import run_ingest
 
     _, _, to_config = LAYOUTS[args.layout]
     result = run_ingest(args.layout, to_config(args), absolute(args.out), skip_bad=args.skip_bad,

@@ -14,11 +14,11 @@ import sys
 
 from platebench.datasets.storage import describe_error, filesystem, join
 
-from ..best_configs import FILE_NAME as BEST_CONFIGS
-from ..best_configs import parse as parse_best_configs
 from ..errors import HarnessError
-from ..selection import LEADERBOARD_RULES
-from ..sources import storage_root
+from ..results.best_configs import FILE_NAME as BEST_CONFIGS
+from ..results.best_configs import parse as parse_best_configs
+from ..results.selection import LEADERBOARD_RULES
+from ..results.sources import storage_root
 
 
 def add_parser(sub):
@@ -80,9 +80,9 @@ def load_best_configs(records_url: str | list[str], explicit: str | None):
 
 
 def run(args) -> int:
-    from .. import sources
-    from ..leaderboard import build_leaderboard
-    from ..report import to_markdown, write_report
+    from ..results import sources
+    from ..results.leaderboard import build_leaderboard
+    from ..results.report import to_markdown, write_report
 
     merged = sources.load(args.records)
     best, best_src = load_best_configs(args.records, args.best_configs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.flags import add_json_flag
+    from platebench.harness.commands.flags import add_json_flag
 
     p = sub.add_parser("methods", help="list methods (built-in and from installed plugins) with their track, "
                                        "needed context and hyperparameter defaults")
@@ -14,7 +14,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from platebench.harness.flags import write_json
+    from platebench.harness.commands.flags import write_json
     from platebench.methods.base import COMMON_DEFAULTS
     from platebench.methods.registry import get_method, names
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 
 def _common(p) -> None:
-    from platebench.harness.flags import add_json_flag, add_ray_flags
+    from platebench.harness.commands.flags import add_json_flag, add_ray_flags
 
     add_json_flag(p, "the figures (one flat object with 'ratio')")
     add_ray_flags(p)
 
 
 def add_parser(sub):
-    from platebench.harness.flags import add_seed_flag, non_negative_int, positive_float, positive_int
-    from platebench.harness.runner import Launch
+    from platebench.harness.commands.flags import add_seed_flag, non_negative_int, positive_float, positive_int
+    from platebench.harness.train.runner import Launch
 
     p = sub.add_parser("perf", help="benchmarks of the harness itself (throughput, overhead), as in-run ratios")
     perf = p.add_subparsers(dest="perf_command", metavar="BENCHMARK", required=True)
@@ -117,7 +117,7 @@ def _train(args) -> dict:
     import shutil
     import tempfile
 
-    from platebench.harness.flags import parse_pairs
+    from platebench.harness.commands.flags import parse_pairs
     from platebench.harness.perf import train
 
     if args.cpus_per_worker < 1:
@@ -148,7 +148,7 @@ def _train(args) -> dict:
 
 
 def _quickstart(out: str) -> str:
-    from platebench.harness.synth_job import generate
+    from platebench.harness.prepare.synth import generate
 
     generate("quickstart", out, seed=0)
     return out

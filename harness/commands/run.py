@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub):
+    from platebench.harness.commands.flags import add_seeds_flag, positive_int
     from platebench.harness.commands.session import add_launch_flags
-    from platebench.harness.flags import add_seeds_flag, positive_int
 
     p = sub.add_parser("run", help="train one method for some seeds (Ray Train, DDP), evaluate every epoch",
                        description="Train METHOD on the dataset's split scheme for each seed, in Ray Train lanes. Runs "
@@ -26,9 +26,9 @@ def add_parser(sub):
 def run(args) -> int:
     from platebench.datasets.shards import open_dataset
     from platebench.harness.commands import session
-    from platebench.harness.flags import parse_pairs
-    from platebench.harness.runner import require_runs_ok, run_many
-    from platebench.harness.runspec import build_specs, check_trainable
+    from platebench.harness.commands.flags import parse_pairs
+    from platebench.harness.train.runner import require_runs_ok, run_many
+    from platebench.harness.train.runspec import build_specs, check_trainable
 
     hparams = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:
@@ -45,7 +45,7 @@ def run(args) -> int:
     progress = session.Progress(len(specs))
     results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
     if mlflow:
-        from platebench.harness.tracking import end_parent
+        from platebench.harness.train.tracking import end_parent
 
         end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
                    status="FAILED" if any("error" in r for r in results) else "FINISHED")

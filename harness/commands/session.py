@@ -10,10 +10,11 @@ from pathlib import Path
 
 from platebench.datasets.storage import StorageOptions, absolute
 
-from .. import faults, ray_local, tracking
+from .. import ray_local
 from ..errors import HarnessError
-from ..flags import add_ray_flags, non_negative_int, positive_float, positive_int
-from ..runner import Launch, check_storage_writable
+from ..train import faults, tracking
+from ..train.runner import Launch, check_storage_writable
+from .flags import add_ray_flags, non_negative_int, positive_float, positive_int
 
 
 def add_launch_flags(p) -> None:

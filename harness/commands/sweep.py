@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub):
+    from platebench.harness.commands.flags import add_seed_flag, non_negative_int, positive_int
     from platebench.harness.commands.session import add_launch_flags
-    from platebench.harness.flags import add_seed_flag, non_negative_int, positive_int
 
     p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune (Optuna TPE + ASHA); every trial is a "
                                      "Ray Train run",
@@ -36,12 +36,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from platebench.datasets.shards import open_dataset
-    from platebench.harness import sweep, tune_space
     from platebench.harness.commands import session
-    from platebench.harness.flags import parse_pairs
-    from platebench.harness.runner import require_runs_ok, run_many
-    from platebench.harness.runspec import build_specs, check_trainable
-    from platebench.harness.tracking import end_parent
+    from platebench.harness.commands.flags import parse_pairs
+    from platebench.harness.train.runner import require_runs_ok, run_many
+    from platebench.harness.train.runspec import build_specs, check_trainable
+    from platebench.harness.train.tracking import end_parent
+    from platebench.harness.tune import space as tune_space
+    from platebench.harness.tune import sweep
 
     ds = open_dataset(args.data)
     fixed = parse_pairs("--hparams", args.hparams)

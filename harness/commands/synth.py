@@ -15,7 +15,7 @@ from platebench.datasets.storage import StorageOptions, absolute
 from platebench.datasets.synth import PRESETS, get_preset, override_keys, plan
 
 from ..errors import HarnessError
-from ..flags import add_ray_flags, add_seed_flag, parse_pairs, positive_int
+from .flags import add_ray_flags, add_seed_flag, parse_pairs, positive_int
 
 
 def add_parser(sub):
@@ -48,7 +48,7 @@ def run(args) -> int:
     if args.size is not None:
         overrides["size"] = args.size
     preset = get_preset(args.preset, overrides)
-    from ..synth_job import run_synth
+    from ..prepare.synth import run_synth
 
     result = run_synth(plan(preset, args.seed), absolute(args.out), StorageOptions.from_env(), overwrite=args.overwrite,
                        num_cpus=args.num_cpus, address=args.address)

@@ -25,7 +25,7 @@ def run(args) -> int:
     import sys
 
     from platebench.harness.errors import HarnessError
-    from platebench.harness.validate import kind_of, validate_bundle, validate_file, validate_records
+    from platebench.harness.results.validate import kind_of, validate_bundle, validate_file, validate_records
 
     report, total = {}, 0
     for path in args.paths:

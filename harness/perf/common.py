@@ -7,7 +7,7 @@ import platform
 import time
 from collections.abc import Iterable
 
-from ..flags import write_json
+from ..commands.flags import write_json
 
 MACHINE_KEYS = ("benchmark", "cpus", "python", "torch", "gpu", "measured")
 

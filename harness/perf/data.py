@@ -26,9 +26,9 @@ import torch
 from platebench.datasets.shards import ShardDataset
 from platebench.datasets.storage import join
 
-from ..batching import DomainIndex, to_batch
-from ..rebatch import RowBatch
-from ..stream import PlateStream, StreamConfig
+from ..data.batching import DomainIndex, to_batch
+from ..data.rebatch import RowBatch
+from ..data.stream import PlateStream, StreamConfig
 from .plain import PlainPlateStream, close_loader, plate_loader
 
 KEYS = ("ratio", "stream_images_per_s", "stream_mb_per_s", "pyarrow_images_per_s", "pyarrow_mb_per_s",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HarnessError
-from ..ingest_job import SKIPPED, ingest_plate, run_ingest
+from ..prepare.ingest import SKIPPED, ingest_plate, run_ingest
 
 COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site", "well_type", "sirna",
            "sirna_id"]
@@ -101,7 +101,7 @@ def pool_ingest(layout: str, config: dict, out: str, workers: int) -> dict:
     # forkserver with the ingest code preloaded: no fork of a driver that runs Ray's threads, and no
     # per-process re-import as with spawn (the Ray job's workers are prestarted too).
     ctx = get_context("forkserver")
-    ctx.set_forkserver_preload(["platebench.harness.ingest_job", "platebench.datasets.adapters"])
+    ctx.set_forkserver_preload(["platebench.harness.prepare.ingest", "platebench.datasets.adapters"])
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         rows = list(pool.map(_pool_plate, [(adapter.name, shared, p, out) for p in plan.plates]))
     errors = [r for r in rows if r["status"] == "error"]

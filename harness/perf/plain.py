@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import torch
 
-from ..evaluate import Evaluator
-from ..rebatch import Rebatcher
-from ..stream import PlateStream
+from ..data.rebatch import Rebatcher
+from ..data.stream import PlateStream
+from ..train.evaluate import Evaluator
 
 
 class PlainPlateStream(PlateStream):

@@ -27,7 +27,7 @@ from multiprocessing import get_context
 from platebench.datasets.shards import open_dataset
 
 from ..errors import HarnessError
-from ..runspec import RunSpec, build_specs, check_trainable
+from ..train.runspec import RunSpec, build_specs, check_trainable
 
 KEYS = ("ratio", "training_ratio", "evaluation_ratio", "ray_wall_s", "ray_setup_s", "ray_training_s",
         "ray_evaluation_s", "ray_other_s", "plain_wall_s", "plain_setup_s", "plain_training_s",
@@ -40,16 +40,16 @@ KEYS = ("ratio", "training_ratio", "evaluation_ratio", "ray_wall_s", "ray_setup_
 def _plain_worker(cfg: dict) -> dict:
     import torch
     import torch.distributed as dist
-    from platebench.harness.batching import on_device
+    from platebench.harness.data.batching import on_device
     from platebench.methods import get_method
 
-    from ..channel_stats import channel_stats
-    from ..records import main_value
-    from ..representation import analyze, training_batches
-    from ..runspec import task_spec
-    from ..schedule import lr_factor
-    from ..stream import PartCache, StreamConfig
-    from ..train_loop import seed_all
+    from ..analysis.representation import analyze, training_batches
+    from ..data.channel_stats import channel_stats
+    from ..data.stream import PartCache, StreamConfig
+    from ..results.records import main_value
+    from ..train.loop import seed_all
+    from ..train.runspec import task_spec
+    from ..train.schedule import lr_factor
     from .plain import PlainEvaluator, PlainPlateStream
 
     rank, world = cfg["rank"], cfg["workers"]
@@ -151,9 +151,9 @@ def plain_epoch(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_wor
 def ray_epoch(spec: RunSpec, storage: str, workers: int = 1, gpu: bool = False, cpus_per_worker: float = 1.0,
               cache_mb: int = 512) -> dict:
     """One `platebench run` of `spec` (1 epoch) into `storage`; its wall time, done-marker timings and counts."""
-    from ..checkpointing import TrainingStore
-    from ..records import main_value, read_records
-    from ..runner import Launch, check_storage_writable, read_done, require_runs_ok, run_many
+    from ..results.records import main_value, read_records
+    from ..train.checkpointing import TrainingStore
+    from ..train.runner import Launch, check_storage_writable, read_done, require_runs_ok, run_many
 
     launch = Launch(storage=storage, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, mlflow=None,
                     cache_mb=cache_mb)

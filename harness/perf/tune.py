@@ -12,9 +12,9 @@ import tempfile
 
 from platebench.datasets.shards import open_dataset
 
-from ..runner import Launch
-from ..sweep import SweepConfig, run_sweep
-from ..tune_space import for_method
+from ..train.runner import Launch
+from ..tune.space import for_method
+from ..tune.sweep import SweepConfig, run_sweep
 
 KEYS = ("ratio", "overhead_per_trial_s", "training_per_trial_s", "trial_wall_s", "trials", "method", "max_concurrent",
         "epochs", "dataset")

@@ -1,0 +1,270 @@
+"""Plate-grouped streaming of a split from plate shards (local disk or S3) with Ray Data.
+
+Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads the parts
+it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one block per part, verified against
+its checksum, order preserved so the epoch is reproducible) and turns blocks into batches with the
+re-batcher. The number of steps per
+epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
+never wait on a rank that ran dry (a rank whose stream ends early would leave the others waiting in an
+all-reduce).
+
+Why one Ray Data dataset per rank and epoch instead of Train's `streaming_split`: the split
+equalises rows, not plate-pure batches, and cannot keep plates disjoint across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from platebench.datasets.shards import ShardDataset
+
+from ..errors import HarnessError
+from .augment import check_policy
+from .batching import DomainIndex, to_batch
+from .rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    scheme: str | None  # None (with split None): every labelled image of the dataset
+    split: str | None
+    batch_size: int  # 0 = whole plate (evaluation only)
+    train: bool
+    plate_pure: bool = True
+    plates_per_step: int = 1
+    n_controls: int = 0
+    seed: int = 0
+    augment: str | None = None  # policy name, training only
+    read_cpus: float = 0.25  # per read task (Launch.read_cpus): leaves CPU beside the Train workers for the reads
+    prefetch_blocks: int = 4
+    read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
+    read_concurrency: int | None = None  # cap on concurrent read tasks (None: Ray Data decides)
+    plates: tuple[str, ...] | None = None  # restrict to these plates (benchmarks, debugging)
+    keep_ids: bool = False
+    channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: self-standardised images
+
+    @classmethod
+    def for_training(cls, request, scheme: str, seed: int, augment: str | None = None,
+                     read_cpus: float | None = None, channel_stats=None) -> StreamConfig:
+        """The training stream a method's DataRequest asks for (the one place a request becomes a stream)."""
+        return cls(scheme=scheme, split="train", batch_size=request.batch_size, train=True,
+                   plate_pure=request.plate_pure, plates_per_step=request.plates_per_step,
+                   n_controls=request.n_controls, seed=seed, augment=augment,
+                   read_cpus=cls.read_cpus if read_cpus is None else read_cpus, channel_stats=channel_stats)
+
+    def rebatch_spec(self, epoch: int) -> RebatchSpec:
+        return RebatchSpec(batch_size=self.batch_size, train=self.train, plate_pure=self.plate_pure,
+                           plates_per_step=self.plates_per_step, n_controls=self.n_controls, seed=self.seed,
+                           epoch=epoch)
+
+
+class PartCache:
+    """Parts kept in a worker's memory across epochs and streams, up to `max_bytes` (0: off).
+
+    Each Ray Data execution costs ~1 s of task scheduling for small shards, and a run reads the same
+    parts every epoch (training, then every evaluation split; id_test shares the training plates), so
+    a worker keeps what fits. Larger datasets simply stream every epoch.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._parts: dict[str, pa.Table] = {}
+
+    def get(self, key: str) -> pa.Table | None:
+        return self._parts.get(key)
+
+    def put(self, key: str, table: pa.Table) -> None:
+        size = table.nbytes
+        if key in self._parts or self.bytes + size > self.max_bytes:
+            return
+        self._parts[key] = table
+        self.bytes += size
+
+
+def assign_plates(plate_rows: list[tuple[str, int]], world: int, spec: RebatchSpec) -> list[list[tuple[str, int]]]:
+    """Greedy balanced assignment by number of batches (ties → lowest rank); keeps input order per rank."""
+    load = [0] * world
+    out: list[list[tuple[str, int]]] = [[] for _ in range(world)]
+    for plate, n in plate_rows:
+        r = int(np.argmin(load))
+        out[r].append((plate, n))
+        load[r] += plate_batch_count(n, spec) if spec.plate_pure else n
+    return out
+
+
+class PlateStream:
+    """Iterate one split of a dataset as batches for one rank of `world`."""
+
+    def __init__(self, dataset: ShardDataset, config: StreamConfig, rank: int = 0, world: int = 1,
+                 cache: PartCache | None = None):
+        if config.batch_size < 0 or (config.batch_size == 0 and config.train):
+            mode = "training" if config.train else "evaluation"
+            raise HarnessError(f"batch size {config.batch_size} is not valid for {mode}")
+        if config.augment:
+            check_policy(config.augment)
+        if config.n_controls and not any(p.controls for p in dataset.manifest.parts):
+            raise HarnessError(f"{dataset.url}: the method needs negative controls as context, but the dataset "
+                               f"has none (manifest parts list 0 controls)")
+        self.ds, self.config, self.rank, self.world = dataset, config, rank, world
+        self.manifest = dataset.manifest
+        self.domains = DomainIndex.from_manifest(self.manifest)
+        labelled = pc.field("label") >= 0
+        if config.split is None:
+            self.query_expr = labelled
+            meta = dataset.metadata(list(config.plates) if config.plates else None)
+        else:
+            self.query_expr = dataset.split_expression(config.scheme, config.split) & labelled
+            meta = dataset.split_metadata(config.scheme, config.split)
+        self._pred_columns = sorted(set(self._expr_columns()) | {"label"})
+        meta = meta.filter(labelled)
+        if config.plates:
+            meta = meta.filter(pc.field("plate").isin(list(config.plates)))
+        counts = meta.group_by("plate").aggregate([("plate", "count")]).to_pylist()
+        self.plate_rows = {r["plate"]: r["plate_count"] for r in counts}
+        self.n_rows = sum(self.plate_rows.values())
+        if not self.plate_rows:
+            raise HarnessError(f"split {config.split!r} of scheme {config.scheme!r} has no labelled images")
+        self.cache = cache if cache is not None else PartCache(0)
+
+    def _expr_columns(self) -> list[str]:
+        from platebench.datasets import predicates
+
+        if self.config.split is None:
+            return []
+        pred = self.manifest.scheme(self.config.scheme).splits[self.config.split]
+        return sorted(predicates.columns_of(pred))
+
+    # -- planning ---------------------------------------------------------------------------
+    def plan(self, epoch: int) -> tuple[list[tuple[str, int]], int]:
+        """(plates with their query counts in arrival order for this rank, number of steps)."""
+        spec = self.config.rebatch_spec(epoch)
+        plates = sorted(self.plate_rows.items())
+        if self.config.train:
+            order = np.random.default_rng([self.config.seed, epoch, 991]).permutation(len(plates))
+            plates = [plates[i] for i in order]
+        per_rank = assign_plates(plates, self.world, spec)
+        steps = [count_steps(p, spec) for p in per_rank]
+        mine = per_rank[self.rank]
+        # Training: every rank takes the same number of steps (DDP all-reduces each step).
+        return mine, (min(steps) if self.config.train else steps[self.rank])
+
+    def steps(self, epoch: int) -> int:
+        return self.plan(epoch)[1]
+
+    def warm(self, epoch: int = 0) -> None:
+        """Read this rank's parts of `epoch` into the part cache when it has room (a lane's start-up, timed
+        as such), so that the epoch's time is training or evaluation, not the stream's first reads."""
+        if self.cache.max_bytes <= 0:
+            return
+        plates, _ = self.plan(epoch)
+        for _ in self.blocks([p for p, _ in plates], epoch):
+            pass
+
+    # -- reading ----------------------------------------------------------------------------
+    def _parts(self, plates: list[str], epoch: int) -> list:
+        parts = []
+        for plate in plates:
+            mine = self.manifest.parts_of(plate)
+            # Control-bearing parts first (the writer puts controls first), then the rest in a seeded order.
+            ctrl = [p for p in mine if p.controls]
+            rest = [p for p in mine if not p.controls]
+            if self.config.train and len(rest) > 1:
+                rng = np.random.default_rng([self.config.seed, epoch, len(parts)])
+                rest = [rest[i] for i in rng.permutation(len(rest))]
+            parts += ctrl + rest
+        return parts
+
+    def blocks(self, plates: list[str], epoch: int) -> Iterator[pa.Table]:
+        """This epoch's parts in plan order: from the part cache, else read with Ray Data."""
+        parts = self._parts(plates, epoch)
+        missing = [p for p in parts if self.cache.get(p.path) is None]
+        fetched = self._read(missing)
+        try:
+            for part in parts:
+                cached = self.cache.get(part.path)
+                if cached is not None:
+                    yield cached
+                    continue
+                block = next(fetched)  # one block per part, in order (preserve_order)
+                if block.num_rows != part.rows:
+                    raise HarnessError(f"{self.ds.part_url(part)}: stream delivered {block.num_rows} rows, "
+                                       f"manifest says {part.rows}")
+                self.cache.put(part.path, block)
+                yield block
+        finally:
+            fetched.close()
+
+    def _read(self, parts: list) -> Iterator[pa.Table]:
+        if not parts:
+            return
+        import ray.data
+        from platebench.datasets.errors import DatasetError, StorageError
+
+        from .source import PlateShardDatasource, plain_error
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
+        ctx.enable_progress_bars = False
+        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
+        data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
+                                        concurrency=self.config.read_concurrency)
+        try:
+            yield from data.iter_batches(batch_size=None, batch_format="pyarrow",
+                                         prefetch_batches=self.config.prefetch_blocks)
+        except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
+            raise plain_error(exc) from None
+
+    def _masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        n = block.num_rows
+        small = block.select(self._pred_columns).append_column("_row", pa.array(np.arange(n)))
+        rows = small.filter(self.query_expr).column("_row").to_numpy()
+        qmask = np.zeros(n, dtype=bool)
+        qmask[rows] = True
+        return qmask, block.column("is_control").to_numpy(zero_copy_only=False)
+
+    # -- iteration --------------------------------------------------------------------------
+    def epoch(self, epoch: int = 0) -> Iterator:
+        """Batches (or lists of batches when plates_per_step > 1) of this rank for `epoch`."""
+        plates, steps = self.plan(epoch)
+        if steps == 0:
+            return
+        spec = self.config.rebatch_spec(epoch)
+        rb = Rebatcher(spec)
+        done = 0
+        g = torch.Generator()
+        blocks = self.blocks([p for p, _ in plates], epoch)
+        try:
+            for _ in self._with_end(blocks, rb):
+                for item in rb.pop():
+                    g.manual_seed(((self.config.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_000_033 + done)
+                    yield self._convert(item, g)
+                    done += 1
+                    if done == steps:
+                        return
+        finally:
+            if hasattr(blocks, "close"):
+                blocks.close()
+        if done != steps:
+            raise HarnessError(f"stream produced {done} batches, planned {steps} (rank {self.rank}, epoch {epoch}); "
+                               f"the dataset changed under the run or a read was incomplete")
+
+    def _with_end(self, blocks, rb: Rebatcher):
+        for block in blocks:
+            qmask, cmask = self._masks(block)
+            rb.push(block, qmask, cmask)
+            yield block
+        rb.finish()
+        yield None
+
+    def _convert(self, item, g: torch.Generator):
+        policy = self.config.augment if self.config.train else None
+        if isinstance(item, list):
+            return [to_batch(it, self.manifest, self.domains, policy, g, self.config.keep_ids,
+                             self.config.channel_stats) for it in item]
+        return to_batch(item, self.manifest, self.domains, policy, g, self.config.keep_ids, self.config.channel_stats)
+

@@ -1,0 +1,166 @@
+"""A run = (dataset, split scheme, method, hyperparameters, backbone, seed, evaluation protocol, code). Its id
+is a hash of that canonical JSON: relaunching is idempotent, a finished run is never trained twice, and where
+the data lives or how many workers train it does not change the id.
+
+A run's *training* is the part of that identity that shapes the weights: the method it trains as (its own,
+or the `trains_as` it declares), its hyperparameters without the prediction-only ones, backbone, seed and
+the training method's code. Runs with equal trainings (ERM and AdaBN of one seed) are trained once and
+evaluated from the same checkpoints; each keeps its own run id, records and MLflow run.
+
+Everything a run needs is validated here, before any training starts: method and hyperparameters,
+split scheme, the context the method needs (e.g. negative controls), and the augmentation policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from platebench.datasets.shards import ShardDataset
+from platebench.methods import TaskSpec, get_method
+from platebench.methods.base import resolve_hparams
+
+from ..data.augment import check_policy
+from ..data.batching import DomainIndex
+from ..errors import HarnessError
+from .code_identity import code_identity, code_label
+
+# Test batch sizes of the TTA sweep (0 = the whole plate), as in ABRA/CS-ARM-BN's batch-size figures.
+DEFAULT_TTA_BATCH_SIZES = (8, 16, 32, 64, 128, 0)
+DEFAULT_CONTROL_COUNTS = (8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    standard_batch_size: int = 64  # eval-mode predictions do not depend on it; memory only
+    tta_batch_sizes: tuple[int, ...] = DEFAULT_TTA_BATCH_SIZES
+    control_counts: tuple[int, ...] = DEFAULT_CONTROL_COUNTS
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalProtocol:
+        return cls(standard_batch_size=int(d["standard_batch_size"]), tta_batch_sizes=tuple(d["tta_batch_sizes"]),
+                   control_counts=tuple(d["control_counts"]))
+
+
+def _digest(identity: dict) -> str:
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What shapes a run's weights; runs with equal TrainingSpecs share one training."""
+
+    dataset: str
+    dataset_checksum: str
+    split_scheme: str
+    method: str  # the method trained (a run's `trains_as`, else its own method)
+    hparams: dict  # its hyperparameters without the prediction-only ones
+    backbone: str
+    seed: int
+    code: dict
+
+    @property
+    def training_id(self) -> str:
+        return f"{self.method.replace('+', '-')}-s{self.seed}-{_digest(asdict(self))}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "training_id": self.training_id}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    data: str
+    dataset: str
+    dataset_checksum: str
+    split_scheme: str
+    method: str
+    hparams: dict
+    backbone: str
+    seed: int
+    code: dict  # code_identity(): harness version and source hash
+    eval: EvalProtocol = field(default_factory=EvalProtocol)
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        d.pop("data")  # the same dataset at another address is the same run
+        return d
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.method.replace('+', '-')}-s{self.seed}-{_digest(self.identity())}"
+
+    @property
+    def code_label(self) -> str:
+        return code_label(self.code)
+
+    @property
+    def hparams_json(self) -> str:
+        return json.dumps(self.hparams, sort_keys=True, separators=(",", ":"))
+
+    def training(self) -> TrainingSpec:
+        cls = get_method(self.method)
+        trainer = get_method(cls.trains_as) if cls.trains_as else cls
+        return TrainingSpec(dataset=self.dataset, dataset_checksum=self.dataset_checksum,
+                            split_scheme=self.split_scheme, method=trainer.name,
+                            hparams=cls.training_hparams(self.hparams), backbone=self.backbone, seed=self.seed,
+                            code=code_identity(trainer))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "run_id": self.run_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        d = {k: v for k, v in d.items() if k not in ("run_id", "git_commit")}
+        d["eval"] = EvalProtocol.from_dict(d["eval"])
+        return cls(**d)
+
+
+def task_spec(ds: ShardDataset) -> TaskSpec:
+    m = ds.manifest
+    return TaskSpec(num_classes=m.num_classes, channels=len(m.channels), image_size=(m.height, m.width),
+                    num_domains=DomainIndex.from_manifest(m).counts())
+
+
+def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict | None, seeds, backbone: str,
+                eval_protocol: EvalProtocol | None = None) -> list[RunSpec]:
+    """Validate a (dataset, scheme, method, hparams) combination and return one RunSpec per seed."""
+    m = ds.manifest
+    scheme = m.scheme(split_scheme)  # DatasetError naming the known schemes
+    if "train" not in scheme.splits:
+        raise HarnessError(f"split scheme {split_scheme!r} has no 'train' split")
+    cls = get_method(method)  # MethodError with the known names and closest match
+    instance_hp = resolve_hparams(cls, hparams)
+    check_policy(instance_hp.get("augment", "flip-rot90"))
+    if cls.needs.controls and not any(p.controls for p in m.parts):
+        raise HarnessError(f"method {method!r} needs negative controls as context, but dataset {m.name!r} "
+                           f"({ds.url}) has none")
+    if cls.needs.domain_labels and len(m.plates) < 2:
+        raise HarnessError(f"method {method!r} needs several domains; dataset {m.name!r} has one plate")
+    if not seeds:
+        raise HarnessError("no seeds given")
+    if cls.trains_as:  # the trained method must accept the training hyperparameters (unknown keys are errors)
+        resolve_hparams(get_method(cls.trains_as), cls.training_hparams(instance_hp))
+    code = code_identity(cls)
+    return [RunSpec(data=ds.url, dataset=m.name, dataset_checksum=m.checksum(), split_scheme=split_scheme,
+                    method=method, hparams=instance_hp, backbone=backbone, seed=int(s), code=code,
+                    eval=eval_protocol or EvalProtocol()) for s in seeds]
+
+
+def check_trainable(ds: ShardDataset, spec: RunSpec, workers: int) -> int:
+    """Steps per epoch of the first epoch; an error if the train split cannot fill one batch per rank."""
+    from ..data.stream import PlateStream, StreamConfig
+
+    cls = get_method(spec.method)
+    method_hp = resolve_hparams(cls, spec.hparams)
+    cfg = StreamConfig.for_training(cls.request_for(method_hp), spec.split_scheme, spec.seed)
+    stream = PlateStream(ds, cfg, rank=0, world=workers)
+    steps = stream.steps(0)
+    if steps == 0:
+        per_plate = sorted(stream.plate_rows.values())
+        raise HarnessError(
+            f"method {spec.method!r}: the train split of {spec.split_scheme!r} gives no batch of batch_size="
+            f"{method_hp['batch_size']} with {workers} worker(s) (labelled images per plate: {per_plate[:8]}"
+            f"{' ...' if len(per_plate) > 8 else ''}); lower batch_size or use fewer workers")
+    return steps
