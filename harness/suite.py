@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from platebench.methods.backbones import DEFAULT_BACKBONE
+
 from .config_files import load_yaml
 from .errors import HarnessError
 from .train.runspec import EvalProtocol
@@ -54,7 +56,7 @@ class Suite:
     name: str
     dataset: dict
     split_scheme: str
-    backbone: str = "resnet-tiny"
+    backbone: str = DEFAULT_BACKBONE
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     workers: int = 1
     baseline: str = "erm"
@@ -121,7 +123,7 @@ class Suite:
         epochs = data.get("epochs")
         return cls(name=_str(where, "name", data["name"]), dataset=dict(ds),
                    split_scheme=_str(where, "split_scheme", data["split_scheme"]),
-                   backbone=_str(where, "backbone", data.get("backbone", "resnet-tiny")),
+                   backbone=_str(where, "backbone", data.get("backbone", DEFAULT_BACKBONE)),
                    seeds=_ints(where, "seeds", data.get("seeds", [0]), 0),
                    workers=_int(where, "workers", data.get("workers", 1), 1),
                    baseline=_str(where, "baseline", data.get("baseline", "erm")),

@@ -25,13 +25,11 @@ import torch
 from torch import nn
 
 from . import distributed
+from .backbones.base import DEFAULT_BACKBONE
+from .errors import MethodError
 from .hparams import COMMON_PARAMS, Param, param_of
 
 TRACKS = ("standard", "tta")
-
-
-class MethodError(ValueError):
-    """Bad method name, hyperparameter, or input batch."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +205,7 @@ class Method(nn.Module):
     # methods' spaces are platebench/tune_spaces/<name>.yaml.
     search_space: ClassVar[str | None] = None
 
-    def __init__(self, task: TaskSpec, hparams: Mapping[str, Any] | None = None, backbone: str = "resnet-tiny"):
+    def __init__(self, task: TaskSpec, hparams: Mapping[str, Any] | None = None, backbone: str = DEFAULT_BACKBONE):
         super().__init__()
         if self.track not in TRACKS:
             raise MethodError(f"method {self.name!r}: track must be one of {TRACKS}")

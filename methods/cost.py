@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .backbones.base import DEFAULT_BACKBONE
 from .base import TaskSpec
 from .registry import get_method
 
@@ -68,7 +69,7 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def measure_step_cost(method_name: str, backbone: str = "resnet-tiny", batch_size: int = 32,
+def measure_step_cost(method_name: str, backbone: str = DEFAULT_BACKBONE, batch_size: int = 32,
                       image_size: int | tuple[int, int] = 64, steps: int = 5, warmup: int = 2,
                       channels: int = 5, num_classes: int = 8, hparams: Mapping[str, Any] | None = None,
                       device: str | torch.device | None = None, seed: int = 0) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -65,3 +67,10 @@ def all_gather_objects(local: list) -> list:
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, local)
     return [item for part in parts for item in part]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (process-group rendezvous, test servers): loopback only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import io
 import multiprocessing
-import socket
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -33,8 +32,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
+from .backbones.base import DEFAULT_BACKBONE
 from .base import Batch, Method, Needs, TaskSpec
 from .blocks.bn import randomize_running_stats
+from .distributed import free_port
 
 TASK = TaskSpec(num_classes=3, channels=5, image_size=(16, 16),
                 num_domains={"plate": 6, "batch": 3, "source": 2, "cell_type": 1})
@@ -101,7 +102,7 @@ def eval_batch(method: Method, plate: int, n_queries: int, generator: torch.Gene
     return synthetic_batch(method.task, plate, n_queries, method.data_request().eval_n_controls, generator, classes)
 
 
-def build(cls: type[Method], hparams: Mapping[str, Any] | None = None, backbone: str = "resnet-tiny",
+def build(cls: type[Method], hparams: Mapping[str, Any] | None = None, backbone: str = DEFAULT_BACKBONE,
           task: TaskSpec = TASK, seed: int = 0) -> Method:
     torch.manual_seed(seed)
     return cls(task, {**KIT_HPARAMS, **(hparams or {})}, backbone)
@@ -128,7 +129,7 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 # ---- the checks ----------------------------------------------------------------------------------
-def check_declarations(cls: type[Method], hparams=None, backbone: str = "resnet-tiny") -> None:
+def check_declarations(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE) -> None:
     """Class attributes are well formed and data_request agrees with `needs`."""
     assert cls.name, f"{cls.__qualname__} has no name: decorate it with @register('<name>')"
     assert cls.track in ("standard", "tta"), f"{cls.name}: track {cls.track!r} is not 'standard' or 'tta'"
@@ -144,7 +145,7 @@ def check_declarations(cls: type[Method], hparams=None, backbone: str = "resnet-
             f"{cls.name}: plates_per_step={req.plates_per_step} but needs.multi_plate is False"
 
 
-def check_loss_decreases(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 15,
+def check_loss_decreases(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE, steps: int = 15,
                          metric: str = "loss") -> None:
     """Repeated steps on one fixed set of batches lower the reported loss (mean of the last 3 < first 3)."""
     history = _train(build(cls, hparams, backbone), steps)
@@ -155,7 +156,7 @@ def check_loss_decreases(cls: type[Method], hparams=None, backbone: str = "resne
     assert last < first, f"{cls.name}: {metric} did not go down over {steps} steps on fixed batches: {values}"
 
 
-def check_predict_shape(cls: type[Method], hparams=None, backbone: str = "resnet-tiny") -> None:
+def check_predict_shape(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE) -> None:
     """predict returns [n_queries, num_classes] finite logits (control rows excluded); embed covers every row."""
     method = build(cls, hparams, backbone)
     _train(method, 1)
@@ -169,7 +170,7 @@ def check_predict_shape(cls: type[Method], hparams=None, backbone: str = "resnet
     assert features.shape[0] == len(batch), f"{cls.name}: embed gave {features.shape[0]} rows for {len(batch)}"
 
 
-def check_track(cls: type[Method], hparams=None, backbone: str = "resnet-tiny") -> None:
+def check_track(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE) -> None:
     """standard: an image's prediction is the same alone or in any batch. tta: it depends on its batch and
     not on the running statistics of trained BN layers. Both: predict leaves every buffer untouched."""
     method = build(cls, hparams, backbone)
@@ -200,7 +201,7 @@ def check_track(cls: type[Method], hparams=None, backbone: str = "resnet-tiny") 
     _assert_close(pred_a, pred_random, f"{cls.name} (tta track): prediction depends on BN running statistics")
 
 
-def check_checkpoint(cls: type[Method], hparams=None, backbone: str = "resnet-tiny") -> None:
+def check_checkpoint(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE) -> None:
     """checkpoint_state → bytes → load_checkpoint_state into a differently initialised instance: same state,
     same predictions."""
     trained = build(cls, hparams, backbone, seed=0)
@@ -223,7 +224,7 @@ def check_checkpoint(cls: type[Method], hparams=None, backbone: str = "resnet-ti
     _assert_close(want, got, f"{cls.name}: predictions differ after the checkpoint round trip")
 
 
-def check_reproducible(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 3) -> None:
+def check_reproducible(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE, steps: int = 3) -> None:
     """Two instances built and trained from the same seed on the same batches end with identical weights and
     buffers: a run's id (a hash of its seed and configuration) names one result."""
     states = []
@@ -236,7 +237,7 @@ def check_reproducible(cls: type[Method], hparams=None, backbone: str = "resnet-
         assert torch.equal(value, states[1][key]), f"{cls.name}: {key!r} differs between two same-seed trainings"
 
 
-def check_shared_training(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 3) -> None:
+def check_shared_training(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE, steps: int = 3) -> None:
     """A method that declares `trains_as` trains exactly as that method: from the same seed and batches, a few
     steps leave identical parameters and buffers (so the harness may train once and evaluate both)."""
     if cls.trains_as is None:
@@ -260,11 +261,6 @@ def check_shared_training(cls: type[Method], hparams=None, backbone: str = "resn
         assert torch.equal(a, b), (f"{cls.name} declares trains_as={base.name!r}, but {key!r} differs after "
                                    f"{steps} steps from the same seed and batches")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -292,14 +288,14 @@ def _ddp_rank(rank: int, world: int, port: int, cls: type[Method], hparams, back
         dist.destroy_process_group()
 
 
-def check_ddp(cls: type[Method], hparams=None, backbone: str = "resnet-tiny", steps: int = 2,
+def check_ddp(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE, steps: int = 2,
               world: int = 2) -> None:
     """`world` CPU ranks (gloo) see different plates; after `steps` steps and sync_buffers, parameters and
     floating buffers are identical on every rank (and did change)."""
     # Ranks are forked from a forkserver that has imported torch once: far cheaper than spawn per check.
     # torch._dynamo is imported lazily by the first optimiser (seconds); importing it once in the server saves that.
     multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", __name__])
-    tmp.start_processes(_ddp_rank, args=(world, _free_port(), cls, dict(hparams or {}), backbone, steps),
+    tmp.start_processes(_ddp_rank, args=(world, free_port(), cls, dict(hparams or {}), backbone, steps),
                         nprocs=world, join=True, start_method="forkserver")
 
 
@@ -336,7 +332,7 @@ CHECKS: dict[str, Callable[..., None]] = {
 }
 
 
-def check_method(cls: type[Method], hparams: Mapping[str, Any] | None = None, backbone: str = "resnet-tiny",
+def check_method(cls: type[Method], hparams: Mapping[str, Any] | None = None, backbone: str = DEFAULT_BACKBONE,
                  skip: tuple[str, ...] = ()) -> None:
     """Run every check of CHECKS (except `skip`) against `cls`."""
     for name, check in CHECKS.items():

@@ -11,7 +11,6 @@ Prints one JSON object with what the test checks.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from platebench.harness import ray_local
+from platebench.methods.distributed import free_port  # noqa: E402
 
 ray_local.apply_env()
 
@@ -29,15 +29,9 @@ from platebench.harness.train.runspec import build_specs  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_mlflow_server(work: str) -> tuple[subprocess.Popen, str]:
     """The driver's tracking server: loopback only, SQLite store in `work` (its own session: stopped as a group)."""
-    port, root = _free_port(), Path(work) / "mlflow-server"
+    port, root = free_port(), Path(work) / "mlflow-server"
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "server.log", "w")  # noqa: SIM115 - kept open for the server's lifetime
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -101,7 +95,7 @@ def main(data: str, work: str) -> None:
     # checked here is where the runs go. Set before the nodes start: their workers inherit it.
     os.environ.update(MLFLOW_HTTP_REQUEST_TIMEOUT="60", MLFLOW_HTTP_REQUEST_MAX_RETRIES="3")
     server, uri = _start_mlflow_server(work)  # starts while the cluster does
-    dashboard_port = _free_port()  # the test session's own Ray may hold the default dashboard port
+    dashboard_port = free_port()  # the test session's own Ray may hold the default dashboard port
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True,
                                                             "dashboard_host": "127.0.0.1",
                                                             "dashboard_port": dashboard_port})

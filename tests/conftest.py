@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from platebench.harness import ray_local
+from platebench.methods.distributed import free_port
 
 ray_local.apply_env()
 
@@ -32,17 +33,12 @@ def ray_session():
     ray_local.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class S3Server:
     """A moto_server subprocess bound to 127.0.0.1; `stop()`/`start()` simulate an outage."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = None
 

@@ -16,6 +16,7 @@ from platebench.datasets.storage import StorageOptions
 from platebench.harness.cli import main
 from platebench.harness.data.stream import PlateStream, StreamConfig
 from platebench.harness.results.records import read_records
+from platebench.methods.distributed import free_port
 from shard_fixtures import build_tiny_dataset
 from tcp_proxy import TcpProxy
 
@@ -70,15 +71,10 @@ def test_storage_outage_beyond_the_retries_fails_clearly_without_partial_batches
     assert len(seen) == len(set(seen)) and len(seen) % 4 == 0  # only complete batches were delivered
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_mlflow_server_lost_mid_run_training_continues_and_gap_is_reported(tmp_path, capsys):
     ds = build_tiny_dataset(tmp_path / "ds", images_per_plate=32)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db", "--workers", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from platebench.datasets.shards import ShardDataset
 from platebench.datasets.storage import join
+from platebench.methods.backbones import DEFAULT_BACKBONE
 
 from ..data.batching import DomainIndex, to_batch
 from ..data.rebatch import RowBatch
@@ -112,7 +113,7 @@ def training_rate(steps: int = 12, batch_size: int = 32, size: int = 32, threads
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        method = get_method("erm")(TaskSpec(num_classes=8, channels=5, image_size=(size, size)), {}, "resnet-tiny")
+        method = get_method("erm")(TaskSpec(num_classes=8, channels=5, image_size=(size, size)), {}, DEFAULT_BACKBONE)
         batch = Batch(torch.randn(batch_size, 5, size, size), torch.randint(0, 8, (batch_size,)),
                       torch.zeros(batch_size, dtype=torch.bool))
         for _ in range(3):

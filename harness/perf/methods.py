@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+from platebench.methods.backbones import DEFAULT_BACKBONE
 from platebench.methods.registry import names
 
 COST_HPARAMS = {"abra": {"stats_warmup_steps": 0}, "abra+tta": {"stats_warmup_steps": 0}}
@@ -26,7 +27,7 @@ def _measure(args: tuple) -> dict:
                              hparams=COST_HPARAMS.get(name))
 
 
-def run(methods: list[str] | None = None, backbone: str = "resnet-tiny", batch_size: int = 32, image_size: int = 32,
+def run(methods: list[str] | None = None, backbone: str = DEFAULT_BACKBONE, batch_size: int = 32, image_size: int = 32,
         steps: int = 10) -> tuple[dict, list[dict]]:
     chosen = ["erm"] + [m for m in (methods or names()) if m != "erm"]
     ctx = mp.get_context("spawn")

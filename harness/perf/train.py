@@ -18,13 +18,14 @@ steps), evaluation (every split evaluated); `*_other_s` is the rest of each wall
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from platebench.datasets.shards import open_dataset
+from platebench.methods.backbones import DEFAULT_BACKBONE
+from platebench.methods.distributed import free_port
 
 from ..errors import HarnessError
 from ..train.runspec import RunSpec, build_specs, check_trainable
@@ -123,11 +124,6 @@ def _eval_images(rows: list[dict]) -> int:
                if r["protocol"] == "main" and r["domain_kind"] == "all" and r["metric"] == "accuracy")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def plain_epoch(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_worker: float = 1.0,
                 read_threads: int = 4, cache_mb: int = 512) -> dict:
@@ -135,7 +131,7 @@ def plain_epoch(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_wor
     all ranks, and the wall time of the whole."""
     with tempfile.TemporaryDirectory(prefix="pb-perf-plain-") as work:
         base = {"spec": spec.to_dict(), "workers": workers, "gpu": gpu, "cpus_per_worker": cpus_per_worker,
-                "read_threads": read_threads, "cache_mb": cache_mb, "port": _free_port(),
+                "read_threads": read_threads, "cache_mb": cache_mb, "port": free_port(),
                 "weights_path": f"{work}/weights.pt"}
         t0 = time.perf_counter()
         # spawn: fresh processes like Ray's workers, and no fork of a driver that runs Ray's threads
@@ -177,7 +173,7 @@ def ray_epoch(spec: RunSpec, storage: str, workers: int = 1, gpu: bool = False, 
 
 # -- the command ---------------------------------------------------------------------------------------
 def prepare(data: str, split_scheme: str = "new_batches", method: str = "erm", hparams: dict | None = None,
-            backbone: str = "resnet-tiny", seed: int = 0, workers: int = 1) -> RunSpec:
+            backbone: str = DEFAULT_BACKBONE, seed: int = 0, workers: int = 1) -> RunSpec:
     """The run spec both paths train (epochs=1); every error a run would refuse, before Ray starts."""
     ds = open_dataset(data)
     spec = build_specs(ds, split_scheme, method, {**(hparams or {}), "epochs": 1}, [seed], backbone)[0]

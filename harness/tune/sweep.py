@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import filesystem, join
+from platebench.methods.backbones import DEFAULT_BACKBONE
 
 from ..errors import HarnessError
 from ..results.records import overall, read_records
@@ -40,7 +41,7 @@ class SweepConfig:
     scheduler: str = "asha"  # asha | none
     max_concurrent: int = 1
     seed: int = 0
-    backbone: str = "resnet-tiny"
+    backbone: str = DEFAULT_BACKBONE
     fixed_hparams: dict | None = None  # e.g. {"epochs": 1}
 
     @property

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..base import MethodError
-from .base import INSERTION_POINTS, Backbone
+from ..errors import MethodError
+from .base import DEFAULT_BACKBONE, INSERTION_POINTS, Backbone
 from .densenet import densenet121, densenet161
 from .resnet import resnet18, resnet34, resnet50, resnet_tiny
 from .timm_adapter import timm_backbone
 from .weights import load_torchvision_state_dict
 
 BACKBONES: dict[str, Callable[[int], Backbone]] = {
-    "resnet-tiny": resnet_tiny,
+    DEFAULT_BACKBONE: resnet_tiny,
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,

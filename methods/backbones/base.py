@@ -12,6 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+# The backbone of every command, suite and method when none is named: small enough for CPU runs at 24-64 px.
+DEFAULT_BACKBONE = "resnet-tiny"
+
 INSERTION_POINTS = ("stem", "res1", "res2", "res3", "res4")
 
 

@@ -14,7 +14,7 @@ import importlib
 import torch
 from torch import nn
 
-from ..base import MethodError
+from ..errors import MethodError
 from .base import INSERTION_POINTS, Backbone
 
 

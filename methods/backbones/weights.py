@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..base import MethodError
+from ..errors import MethodError
 
 HEAD_PREFIXES = ("fc.", "classifier.")
 _LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"

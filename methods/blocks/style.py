@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import distributed
 from ..backbones import INSERTION_POINTS
-from ..base import MethodError
+from ..errors import MethodError
 from .grl import grad_reverse
 
 
