@@ -4,7 +4,7 @@ Layout:
     <src>/metadata.csv                                       11 columns, one row per site
     <src>/images/<experiment>/Plate<p>/<well>_s<site>_w<ch>.png   ch = 1..6, 8-bit grayscale, 512x512
 
-Mapping to the shard schema (decisions documented here and in the README):
+Mapping to the shard schema (decisions documented here and in docs/datasets.md):
 - image_id = site_id; plate = "<experiment>_<plate>" (plate numbers repeat across experiments);
   batch = experiment; cell_type = cell_type; perturbation = sirna; label = sirna_id (all 1,139 ids are
   classes, the negative control 1138 included, as WILDS does); is_control = well_type == negative_control.

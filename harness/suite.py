@@ -25,7 +25,7 @@ from platebench.methods.backbones import DEFAULT_BACKBONE
 
 from .config_files import load_yaml
 from .errors import HarnessError
-from .train.runspec import EvalProtocol
+from .train.runspec import EvalProtocol, resolve_run_hparams
 
 SUITES_DIR = Path(__file__).parent / "suites"
 _KEYS = {"name", "dataset", "split_scheme", "backbone", "seeds", "workers", "baseline", "epochs", "hparams",
@@ -155,7 +155,7 @@ def dataset_url(suite: Suite, out: Path) -> str:
         return suite.dataset["url"]
     if "expects" in suite.dataset:
         raise HarnessError(f"suite {suite.name!r} runs on the {suite.dataset['expects']!r} dataset: give its "
-                           f"plate shards with --data URL (see README, Datasets)")
+                           f"plate shards with --data URL (see docs/datasets.md)")
     return str((out / "data" / f"{suite.dataset['preset']}-seed{int(suite.dataset.get('seed', 0))}").resolve())
 
 
@@ -177,11 +177,9 @@ def build_all_specs(suite: Suite, ds) -> list:
         raise HarnessError(f"suite {suite.name!r} expects the {suite.expects!r} dataset, but {ds.url} holds "
                            f"{ds.manifest.name!r}")
     specs = []
-    for method, hp in suite.methods.items():
-        hp = {**suite.hparams, **hp}
-        if suite.epochs is not None:
-            hp["epochs"] = suite.epochs
-        method_specs = build_specs(ds, suite.split_scheme, method, hp, suite.seeds, suite.backbone, suite.eval)
+    for method in suite.methods:
+        method_specs = build_specs(ds, suite.split_scheme, method, method_overrides(suite, method), suite.seeds,
+                                   suite.backbone, suite.eval)
         check_trainable(ds, method_specs[0], suite.workers)
         specs += method_specs
     if suite.baseline not in suite.methods:
@@ -222,18 +220,18 @@ def describe_split(split: dict) -> str:
             f"{split['representation_s'] / cap:.0%} (part of evaluation)")
 
 
-def resolved_runs(suite: Suite) -> list[tuple[str, int, dict]]:
-    """(method, seed, every hyperparameter) of each run, validated without a dataset (for --dry-run)."""
-    from platebench.methods import get_method
-    from platebench.methods.base import resolve_hparams
+def method_overrides(suite: Suite, method: str) -> dict:
+    """The hyperparameters a suite sets for `method`'s runs: its common ones, the method's own (which win), and
+    the suite's epochs (which win over both)."""
+    return {**suite.hparams, **suite.methods[method], **({"epochs": suite.epochs} if suite.epochs is not None else {})}
 
+
+def resolved_runs(suite: Suite) -> list[tuple[str, int, dict]]:
+    """(method, seed, every hyperparameter) of each run, resolved as its RunSpec will be but without a dataset
+    (for --dry-run, and to refuse bad values before a preset is generated)."""
     out = []
-    for method, hp in suite.methods.items():
-        hp = {**suite.hparams, **hp, **({"epochs": suite.epochs} if suite.epochs is not None else {})}
-        cls = get_method(method)
-        resolved = resolve_hparams(cls, hp)
-        if cls.trains_as:
-            resolve_hparams(get_method(cls.trains_as), cls.training_hparams(resolved))
+    for method in suite.methods:
+        resolved = resolve_run_hparams(method, method_overrides(suite, method))
         out += [(method, seed, resolved) for seed in suite.seeds]
     if suite.baseline not in suite.methods:
         raise HarnessError(f"baseline {suite.baseline!r} is not among the suite's methods {list(suite.methods)}")

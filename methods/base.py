@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -53,17 +53,35 @@ class Needs:
 
 
 @dataclass(frozen=True)
-class DataRequest:
+class BatchShape:
+    """How a stream groups a split's rows into batches. The one definition of these settings: a method's
+    DataRequest is one, and the harness's stream settings and re-batcher hold one."""
+
+    batch_size: int  # query rows per batch; 0 = a whole plate in one batch (evaluation only)
+    plate_pure: bool = True  # every batch from one plate (False: mixed-plate batches, training only)
+    n_controls: int = 0  # the plate's negative-control rows appended to each batch as context
+    plates_per_step: int = 1  # plate-pure batches from this many distinct plates handed over together
+
+
+@dataclass(frozen=True)
+class DataRequest(BatchShape):
     """What the stream must deliver for a method: derived once, by `Method.request_for`, from its `needs` and
     the hyperparameters with the conventional names (`batch_size`; `n_controls` and `eval_n_controls` with
-    Needs(controls=True); `plates_per_step` with Needs(multi_plate=True))."""
+    Needs(controls=True); `plates_per_step` with Needs(multi_plate=True)). Its BatchShape fields shape the
+    training batches; the two below shape a tta method's main test batches."""
 
-    batch_size: int
-    plate_pure: bool
-    n_controls: int = 0  # control rows appended to each training batch
-    plates_per_step: int = 1
     eval_n_controls: int = 0  # control rows appended to each evaluation batch
     eval_batch_size: int | None = None  # tta methods' main test batch size (None: batch_size; 0: whole plate)
+
+    def training_shape(self) -> BatchShape:
+        """The training batches' shape (this request's BatchShape fields, without the evaluation ones)."""
+        return BatchShape(**{f.name: getattr(self, f.name) for f in fields(BatchShape)})
+
+    def evaluation_shape(self) -> BatchShape:
+        """A tta method's main test batches: plate-pure, `eval_batch_size` rows (None: `batch_size`) with
+        `eval_n_controls` controls."""
+        size = self.batch_size if self.eval_batch_size is None else self.eval_batch_size
+        return BatchShape(size, n_controls=self.eval_n_controls)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,36 @@ from platebench.methods.distributed import free_port
 
 ray_local.apply_env()
 
+# Test tiers (markers registered in pyproject.toml). A test is `ray` when it needs the session Ray, `s3` when it needs
+# the moto server, `browser` when it drives Chromium; modules that start Ray, servers or CLI subprocesses without those
+# fixtures say so with `pytestmark`, and slow pure tests carry `slow`. Whatever is none of these is `unit`: the fast
+# tier, `pytest -m unit`.
+TIER_FIXTURES = {"ray": {"ray_session"}, "s3": {"s3_server", "s3_env"}}
+NOT_UNIT = ("ray", "s3", "browser", "slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(item.fixturenames)
+        for marker, fixtures in TIER_FIXTURES.items():
+            if used & fixtures:
+                item.add_marker(marker)
+        if not any(item.get_closest_marker(name) for name in NOT_UNIT):
+            item.add_marker("unit")
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_through_ray_session(request):
+    """One Ray per session, started by `ray_session` with its settings: a test that starts Ray without that fixture
+    (through `main(["run", ...])`, say) would give every later test a Ray with other CPUs, and in the unit tier would
+    cost seconds. Fail it, saying so."""
+    ray = sys.modules.get("ray")
+    was_up = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not was_up and "ray_session" not in request.fixturenames and ray is not None and ray.is_initialized():
+        pytest.fail("this test started Ray: request the ray_session fixture", pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -111,9 +141,10 @@ def _no_proxy(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """Pure-torch tests on one thread: on a loaded 2-core box more threads make them far slower."""
+    """Every test's own torch work on one thread: on a 2-core box more threads spin against each other (a style
+    method's tests took 17 s of CPU with two threads, 2.4 s with one). Ray and DataLoader workers set their own."""
     import torch
 
     threads = torch.get_num_threads()

@@ -17,8 +17,6 @@ from platebench.methods.blocks.cutmix import MixedTargets
 from platebench.methods.blocks.divergence import js_divergence_logits
 from platebench.methods.blocks.style import batch_stats
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def _abra(name="abra", **hp):
     torch.manual_seed(0)

@@ -16,9 +16,6 @@ from platebench.methods.backbones import INSERTION_POINTS, build_backbone, load_
 from platebench.methods.backbones.weights import adapt_first_conv
 from torch import nn
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 # torchvision state_dict entries (name -> shape) for a 3-channel model; heads excluded.
 RESNET50_KEYS = {
     "conv1.weight": (64, 3, 7, 7), "bn1.running_mean": (64,), "bn1.num_batches_tracked": (),

@@ -94,6 +94,7 @@ def test_bad_manifest_values_are_one_line_naming_the_field(tmp_path, capsys, no_
     assert "manifest.json" in err and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # the bounded wait is 15 s
 def test_a_cluster_address_that_does_not_answer_is_one_line_within_a_bounded_wait(tiny, tmp_path, capsys):
     import socket
     import time

@@ -120,6 +120,7 @@ def test_methods_lists_every_builtin_with_track_and_needs(capsys):
     assert "Did you mean 'cs-arm-bn'?" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_perf_methods_writes_one_flat_json_with_a_ratio(tmp_path):
     path = tmp_path / "m.json"
     assert main(["perf", "methods", "--methods", "abra", "--steps", "1", "--image-size", "16", "--batch-size", "8",

@@ -9,9 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from ray_procs import kill_ray_under
 from shard_fixtures import build_tiny_dataset
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a two-node Ray cluster in a subprocess
 
 def test_two_node_cluster_runs_and_sweeps(tmp_path):
     data = build_tiny_dataset(tmp_path / "ds", images_per_plate=32)

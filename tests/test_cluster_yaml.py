@@ -73,6 +73,7 @@ def test_mlflow_is_not_served_unauthenticated_beyond_loopback():
             assert "--app-name basic-auth" in command and "MLFLOW_AUTH_CONFIG_PATH=" in command, command
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_the_mlflow_auth_recipe_works(tmp_path, monkeypatch):
     """The YAML's own commands, run here with paths moved under tmp_path and the server on 127.0.0.1: the head's
     server refuses anonymous requests and accepts the credentials every node sources from ~/.platebench."""

@@ -135,7 +135,7 @@ def test_validate_accepts_the_bundle_and_names_each_problem(trained, bundle, tmp
     pq.write_table(t, victim)
     other = build_tiny_dataset(tmp_path / "ds2", images_per_plate=32, seed=1)  # same name, other images
     report = tmp_path / "report.json"
-    assert main(["validate", str(bad), "--manifest", other, "--report", str(report)]) == 2
+    assert main(["validate", str(bad), "--manifest", other, "--json", str(report)]) == 2
     err = capsys.readouterr().err
     assert "file records/model.pt (a pickle or zip/torch file): not part of a bundle" in err
     assert f"file records/{run}/epoch-00001.tests.parquet: sha256 differs from bundle.json" in err

@@ -16,6 +16,7 @@ from platebench.datasets.storage import StorageOptions
 from platebench.harness.cli import main
 from platebench.harness.data.stream import PlateStream, StreamConfig
 from platebench.harness.results.records import read_records
+from platebench.methods.base import BatchShape
 from platebench.methods.distributed import free_port
 from shard_fixtures import build_tiny_dataset
 from tcp_proxy import TcpProxy
@@ -37,7 +38,7 @@ def proxied_dataset(s3_server):
 
 
 def _stream(ds):
-    cfg = StreamConfig(scheme=None, split=None, batch_size=4, train=False, keep_ids=True, read_concurrency=1,
+    cfg = StreamConfig(scheme=None, split=None, shape=BatchShape(4), train=False, keep_ids=True, read_concurrency=1,
                        prefetch_blocks=1)
     return PlateStream(ds, cfg)
 

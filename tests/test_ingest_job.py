@@ -82,19 +82,19 @@ def test_failed_run_writes_no_manifest_and_resumes_after_the_fix(rxrx1_raw, tmp_
 # ---------------------------------------------------------------------------------------------
 def test_cli_acceptance_commands(ray_session, rxrx1_raw, tmp_path, capsys):
     wilds = build_wilds(tmp_path / "wilds")
-    assert main(["ingest", "rxrx1-wilds", "--src", str(wilds["root"]), "--out", str(tmp_path / "w")]) == 0
+    assert main(["ingest", "rxrx1-wilds", "--src", str(wilds["root"]), "--data", str(tmp_path / "w")]) == 0
     ds = open_dataset(str(tmp_path / "w"))
     assert set(ds.manifest.split_schemes) == {"official", "mixed-to-test"}
     assert set(ds.metadata().column("image_id").to_pylist()) == {r["site_id"] for r in wilds["rows"]}
 
-    assert main(["ingest", "rxrx1", "--src", str(rxrx1_raw["root"]), "--out", str(tmp_path / "r")]) == 0
+    assert main(["ingest", "rxrx1", "--src", str(rxrx1_raw["root"]), "--data", str(tmp_path / "r")]) == 0
     ds = open_dataset(str(tmp_path / "r"))
     assert set(ds.manifest.split_schemes) == {"official"} and sorted(ds.manifest.plates) == PLATES
     assert set(ds.metadata().column("image_id").to_pylist()) == {r["site_id"] for r in rxrx1_raw["rows"]}
     assert "wrote 70 images" in capsys.readouterr().out
 
     # the second run resumes every plate (checksums verified inside the Ray tasks)
-    assert main(["ingest", "rxrx1", "--src", str(rxrx1_raw["root"]), "--out", str(tmp_path / "r"), "--json",
+    assert main(["ingest", "rxrx1", "--src", str(rxrx1_raw["root"]), "--data", str(tmp_path / "r"), "--json",
                  "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["plates_resumed"] == 7 and result["images"] == 0
@@ -104,10 +104,10 @@ def test_cli_reports_bad_data_from_a_ray_task(ray_session, rxrx1_raw, tmp_path, 
     root = tmp_path / "raw"
     shutil.copytree(rxrx1_raw["root"], root)
     (root / "images/HEPG2-03/Plate1/C03_s2_w6.png").unlink()
-    rc = main(["ingest", "rxrx1", "--src", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = main(["ingest", "rxrx1", "--src", str(root), "--data", str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "C03_s2_w6.png: file is missing" in err and "--skip-bad" in err
-    rc = main(["ingest", "rxrx1", "--src", str(root), "--out", str(tmp_path / "out"), "--no-progress",
+    rc = main(["ingest", "rxrx1", "--src", str(root), "--data", str(tmp_path / "out"), "--no-progress",
                "--skip-bad"])
     assert rc == 0
     report = json.loads((tmp_path / "out" / "skipped.json").read_text())

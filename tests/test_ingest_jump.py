@@ -269,7 +269,7 @@ def test_jump_cli_reads_the_gallery_anonymously(jump, s3_env, tmp_path, capsys):
 
     rc = main(["ingest", "jump-cp", "--src", jump["src"], "--sources", "source_8", "--metadata",
                str(jump["meta_dir"]), "--moa", str(jump["moa"]), "--min-position-images", "0",
-               "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress", "--json"])
+               "--data", str(tmp_path / "out"), "--executor", "local", "--no-progress", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 18 and result["dataset"] == "jump-cp-moa"

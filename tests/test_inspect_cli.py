@@ -8,7 +8,7 @@ from shard_fixtures import build_tiny_dataset
 
 def test_verify_passes_on_a_good_dataset(tmp_path, capsys):
     root = build_tiny_dataset(tmp_path / "ds")
-    assert main(["inspect", root, "--verify"]) == 0
+    assert main(["inspect", "--data", root, "--verify"]) == 0
     out = capsys.readouterr().out
     assert "verify: all 6 parts match their checksums" in out
     assert "new_batches       test              2       48        40         8" in out
@@ -20,7 +20,7 @@ def test_verify_fails_naming_the_damaged_plate_and_part(tmp_path, capsys):
     data = bytearray(part.read_bytes())
     data[-40] ^= 0x55
     part.write_bytes(bytes(data))
-    assert main(["inspect", root, "--verify"]) == 2
+    assert main(["inspect", "--data", root, "--verify"]) == 2
     err = capsys.readouterr().err
     assert "DAMAGED" in err and "plates/b2p1/part-00000.parquet" in err
     assert err.rstrip().splitlines()[-1] == f"platebench inspect: error: {root}: verify found 1 of 6 parts damaged"
@@ -28,13 +28,13 @@ def test_verify_fails_naming_the_damaged_plate_and_part(tmp_path, capsys):
 
 def test_list_split_prints_image_ids(tmp_path, capsys):
     root = build_tiny_dataset(tmp_path / "ds")
-    assert main(["inspect", root, "--split-scheme", "new_batches", "--list-split", "id_test"]) == 0
+    assert main(["inspect", "--data", root, "--split-scheme", "new_batches", "--list-split", "id_test"]) == 0
     ids = capsys.readouterr().out.split()
     assert len(ids) == 24 and all(i.startswith("b1p") for i in ids)
 
 
 def test_not_a_dataset_is_one_line_without_traceback(tmp_path, capsys):
-    assert main(["inspect", str(tmp_path)]) == 2
+    assert main(["inspect", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "manifest.json: not found" in err and "Traceback" not in err
 
@@ -47,7 +47,7 @@ def test_unreachable_s3_endpoint_is_one_clear_line(capsys, monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    rc = main(["--s3-endpoint", f"http://127.0.0.1:{port}", "inspect", "s3://nobucket/ds"])
+    rc = main(["--s3-endpoint", f"http://127.0.0.1:{port}", "inspect", "--data", "s3://nobucket/ds"])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot reach the S3 endpoint" in err and "s3://nobucket/ds/manifest.json" in err
 
@@ -58,6 +58,6 @@ def test_private_bucket_without_credentials_is_access_denied(s3_server, capsys, 
     assert root.startswith("s3://")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-    rc = main(["--s3-endpoint", s3_server.endpoint, "--s3-anon", "inspect", "s3://pb-private/ds"])
+    rc = main(["--s3-endpoint", s3_server.endpoint, "--s3-anon", "inspect", "--data", "s3://pb-private/ds"])
     err = capsys.readouterr().err
     assert rc == 2 and "access denied" in err and "pb-private/ds/manifest.json" in err

@@ -26,8 +26,6 @@ from platebench.methods.network import Network
 from platebench.methods.testing import TASK, build, eval_batch, synthetic_batch
 from torch import nn
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def _net(seed: int = 0) -> Network:
     torch.manual_seed(seed)

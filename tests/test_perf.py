@@ -18,6 +18,7 @@ from platebench.harness.perf import data, ingest, train, tune
 from platebench.harness.perf.common import MACHINE_KEYS, emit
 from platebench.harness.perf.plain import PlainPlateStream, close_loader, plate_loader
 from platebench.harness.train.runspec import check_trainable
+from platebench.methods.base import BatchShape
 
 
 def _emitted(name: str, figures: dict, keys, path) -> dict:
@@ -45,10 +46,10 @@ def test_plain_stream_delivers_the_ray_streams_batches(tiny_dataset, mode):
     """Same parts, same Rebatcher, same conversion: only the reader differs, so the batches are identical
     (including the seeded shuffle, the controls and the augmentation of a training epoch)."""
     ds = open_dataset(str(tiny_dataset))
-    cfg = {"eval": StreamConfig(scheme=None, split=None, batch_size=5, train=False, keep_ids=True),
-           "train": StreamConfig(scheme="new_batches", split="train", batch_size=3, train=True, n_controls=2, seed=3,
-                                 augment="flip-rot90", keep_ids=True),
-           "mixed": StreamConfig(scheme="new_batches", split="val", batch_size=4, train=True, plate_pure=False,
+    cfg = {"eval": StreamConfig(scheme=None, split=None, shape=BatchShape(5), train=False, keep_ids=True),
+           "train": StreamConfig(scheme="new_batches", split="train", shape=BatchShape(3, n_controls=2), train=True,
+                                 seed=3, augment="flip-rot90", keep_ids=True),
+           "mixed": StreamConfig(scheme="new_batches", split="val", shape=BatchShape(4, plate_pure=False), train=True,
                                  seed=1, keep_ids=True)}[mode]
     ray_batches = list(PlateStream(ds, cfg).epoch(1))
     plain_batches = list(PlainPlateStream(ds, cfg, read_threads=2).epoch(1))

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from ray_procs import kill_ray_under
 from shard_fixtures import build_tiny_dataset
 
@@ -85,6 +86,8 @@ def _title(pid: int) -> str:
         return ""
 
 
+@pytest.mark.ray  # a `platebench run` subprocess starts its own Ray
+@pytest.mark.slow
 def test_train_workers_listen_on_loopback_only_while_a_run_trains(tmp_path):
     """A 2-worker `platebench run`: every socket its process tree listens on while it trains (Ray, the Train
     workers' gloo pairs and torch rendezvous store) is bound to 127.0.0.1 / ::1."""

@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from platebench.harness.data.rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
+from platebench.methods.base import BatchShape
 
 
 def rebatch(triples, spec):
@@ -38,7 +39,7 @@ def _feed(plates, spec, parts_per_plate=1, controls=0):
 @pytest.mark.parametrize("parts", [1, 3])
 def test_plate_pure_counts_match_prediction(train, batch_size, parts):
     plates = [("p0", 10), ("p1", 33), ("p2", 5), ("p3", 1)]
-    spec = RebatchSpec(batch_size=batch_size, train=train)
+    spec = RebatchSpec(BatchShape(batch_size), train=train)
     items = _feed(plates, spec, parts)
     assert len(items) == count_steps(plates, spec)
     for it in items:
@@ -50,16 +51,16 @@ def test_plate_pure_counts_match_prediction(train, batch_size, parts):
 
 
 def test_train_drops_small_remainders_but_eval_keeps_them():
-    assert plate_batch_count(33, RebatchSpec(batch_size=32, train=True)) == 1
-    assert plate_batch_count(48, RebatchSpec(batch_size=32, train=True)) == 2  # 16 >= 32 // 2
-    assert plate_batch_count(33, RebatchSpec(batch_size=32, train=False)) == 2
-    assert plate_batch_count(33, RebatchSpec(batch_size=0, train=False)) == 1
+    assert plate_batch_count(33, RebatchSpec(BatchShape(32), train=True)) == 1
+    assert plate_batch_count(48, RebatchSpec(BatchShape(32), train=True)) == 2  # 16 >= 32 // 2
+    assert plate_batch_count(33, RebatchSpec(BatchShape(32), train=False)) == 2
+    assert plate_batch_count(33, RebatchSpec(BatchShape(0), train=False)) == 1
 
 
 @pytest.mark.parametrize("g", [2, 3])
 def test_multi_plate_steps_have_distinct_plates_and_predicted_count(g):
     plates = [("a", 20), ("b", 8), ("c", 40), ("d", 12), ("e", 4)]
-    spec = RebatchSpec(batch_size=4, train=True, plates_per_step=g)
+    spec = RebatchSpec(BatchShape(4, plates_per_step=g), train=True)
     steps = _feed(plates, spec)
     assert len(steps) == count_steps(plates, spec) > 0
     for step in steps:
@@ -69,7 +70,7 @@ def test_multi_plate_steps_have_distinct_plates_and_predicted_count(g):
 
 def test_mixed_batches_mix_plates_and_count_is_floor():
     plates = [(f"p{i}", 17) for i in range(8)]
-    spec = RebatchSpec(batch_size=8, train=True, plate_pure=False, mixed_buffer_plates=4)
+    spec = RebatchSpec(BatchShape(8, plate_pure=False), train=True, mixed_buffer_plates=4)
     items = _feed(plates, spec)
     assert len(items) == count_steps(plates, spec) == (8 * 17) // 8
     assert max(len(set(it.queries.column("plate").to_pylist())) for it in items) > 1
@@ -81,7 +82,7 @@ def test_same_seed_same_order_and_epoch_changes_it():
     plates = [("p0", 40), ("p1", 40)]
 
     def order(seed, epoch):
-        spec = RebatchSpec(batch_size=8, train=True, seed=seed, epoch=epoch)
+        spec = RebatchSpec(BatchShape(8), train=True, seed=seed, epoch=epoch)
         return [i for it in _feed(plates, spec) for i in it.queries.column("image_id").to_pylist()]
 
     assert order(0, 0) == order(0, 0)
@@ -91,7 +92,7 @@ def test_same_seed_same_order_and_epoch_changes_it():
 
 def test_controls_come_from_the_same_plate_and_are_sampled_to_m():
     plates = [("p0", 30), ("p1", 30)]
-    spec = RebatchSpec(batch_size=5, train=False, n_controls=6)
+    spec = RebatchSpec(BatchShape(5, n_controls=6), train=False)
     items = _feed(plates, spec, controls=4)
     assert items
     for it in items:
@@ -102,7 +103,7 @@ def test_controls_come_from_the_same_plate_and_are_sampled_to_m():
 
 
 def test_controls_missing_is_a_clear_error():
-    spec = RebatchSpec(batch_size=5, train=False, n_controls=2)
+    spec = RebatchSpec(BatchShape(5, n_controls=2), train=False)
     with pytest.raises(ValueError, match="plate p0: the method needs negative controls"):
         _feed([("p0", 10)], spec, controls=0)
 
@@ -110,4 +111,4 @@ def test_controls_missing_is_a_clear_error():
 def test_block_with_two_plates_is_refused():
     b = pa.table({"image_id": ["a", "b"], "plate": ["p0", "p1"], "label": [0, 1], "is_control": [False, False]})
     with pytest.raises(ValueError, match="several plates"):
-        list(rebatch([(b, np.ones(2, bool), np.zeros(2, bool))], RebatchSpec(batch_size=2, train=False)))
+        list(rebatch([(b, np.ones(2, bool), np.zeros(2, bool))], RebatchSpec(BatchShape(2), train=False)))

@@ -24,7 +24,6 @@ from platebench.methods.dann import DANN
 from platebench.methods.groupdro import GroupDRO
 from platebench.methods.testing import TASK, build, mixed_batch, synthetic_batch
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOL = 1e-5
 
 

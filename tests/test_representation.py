@@ -11,10 +11,12 @@ from platebench.datasets.shards import open_dataset
 from platebench.harness.analysis import bn_shift
 from platebench.harness.analysis import representation as rep
 from platebench.harness.data.stream import PartCache, PlateStream, StreamConfig
-from platebench.harness.results.records import METRICS, PROTOCOLS, records_table, validate
+from platebench.harness.results.records import records_table, validate
+from platebench.harness.results.vocabulary import METRICS, PROTOCOLS
 from platebench.harness.train.evaluate import Evaluator
 from platebench.harness.train.runspec import build_specs, task_spec
 from platebench.methods import get_method
+from platebench.methods.base import BatchShape
 from shard_fixtures import build_tiny_dataset
 
 
@@ -148,11 +150,12 @@ def test_batches_are_the_evaluators(tiny, method, hparams):
     """The analysis embeds exactly the batches the main evaluation predicts on (context controls included)."""
     _, ev = _evaluator(tiny, method, hparams)
     for split in ev.test_splits:
-        ours = ev._stream(split, ev.main_batch, ev.main_controls)
-        theirs = PlateStream(ev.ds, StreamConfig(scheme="new_batches", split=split, batch_size=ev.main_batch,
-                                                 train=False, n_controls=ev.main_controls, keep_ids=True),
+        ours = ev.stream(split, ev.main_batch, ev.main_controls)
+        theirs = PlateStream(ev.ds, StreamConfig(scheme="new_batches", split=split,
+                                                 shape=BatchShape(ev.main_batch, n_controls=ev.main_controls),
+                                                 train=False, keep_ids=True),
                              cache=ev.cache)
-        mine = [rep._to_batch(ours, item) for plate, _ in ours.plan(0)[0]
+        mine = [ours.convert(item) for plate, _ in ours.plan(0)[0]
                 for item in rep._plate_items(ours, ev.cache, plate, None)[0]]
         reference = list(theirs.epoch(0))
         assert len(mine) == len(reference) > 0
@@ -197,11 +200,11 @@ def test_tta_control_wells_leave_the_treated_features_as_predicted(tiny):
     result = rep.analyze(method, ev, None, epoch=1, null_size=500)
     assert not any(r["metric"].startswith("bn_shift") for r in result.rows)  # no reference given
     profiles = result.profiles["test"]
-    stream = ev._stream("test", ev.main_batch, ev.main_controls)
+    stream = ev.stream("test", ev.main_batch, ev.main_controls)
     with torch.no_grad():
         for plate, _ in stream.plan(0)[0]:
             (item,), controls = rep._plate_items(stream, ev.cache, plate, None)
-            feats = method.embed(rep._to_batch(stream, item)).numpy()
+            feats = method.embed(stream.convert(item)).numpy()
             table = item.queries.to_pandas()
             for (well, pert), idx in table.groupby(["well", "perturbation"]).groups.items():
                 row = profiles.meta.index[(profiles.meta["plate"] == plate) & (profiles.meta["well"] == well)
@@ -210,6 +213,7 @@ def test_tta_control_wells_leave_the_treated_features_as_predicted(tiny):
     assert profiles.meta["is_control"].sum() > 0
 
 
+@pytest.mark.slow  # t-SNE, plots and MLflow
 def test_analyze_command_writes_tables_plots_records_and_mlflow_artifacts(tiny, tmp_path, capsys):
     import json
 

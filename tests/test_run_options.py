@@ -10,7 +10,7 @@ from platebench.datasets.shards import decode_images, open_dataset
 from platebench.harness.cli import main
 from platebench.harness.data.channel_stats import channel_stats
 from platebench.harness.results.records import read_records
-from platebench.harness.train.loop import should_stop
+from platebench.harness.train.epochs import should_stop
 from platebench.methods import MethodError, get_method
 from platebench.methods.base import resolve_hparams
 from shard_fixtures import build_tiny_dataset

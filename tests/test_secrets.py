@@ -93,6 +93,9 @@ def test_storage_options_never_write_credentials():
     assert opts.s3fs_kwargs()["secret"] == SECRET  # still usable in memory, where the filesystem is built
 
 
+@pytest.mark.ray  # a `platebench sweep` subprocess starts its own Ray, on its own moto server
+@pytest.mark.s3
+@pytest.mark.slow
 def test_sweep_writes_no_credential_anywhere(tmp_path, pyarrow_s3):
     """A sweep on S3 with sentinel AWS credentials in its environment: they appear in no file of Ray's session
     folder (logs included), of the output folder (MLflow store included) or of the bucket."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 from platebench.datasets.shards import open_dataset
 from platebench.harness.data.stream import PlateStream, StreamConfig
+from platebench.methods.base import BatchShape
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -14,7 +15,7 @@ def _ids(batches):
 
 def test_eval_epoch_is_plate_pure_and_covers_split_once(tiny_dataset):
     ds = open_dataset(tiny_dataset)
-    cfg = StreamConfig(scheme="new_batches", split="test", batch_size=5, train=False, keep_ids=True)
+    cfg = StreamConfig(scheme="new_batches", split="test", shape=BatchShape(5), train=False, keep_ids=True)
     batches = list(PlateStream(ds, cfg).epoch(0))
     for b in batches:
         assert b.plate is not None and set(i.rsplit("_", 1)[0] for i in b.image_ids) == {b.plate}
@@ -27,7 +28,7 @@ def test_eval_epoch_is_plate_pure_and_covers_split_once(tiny_dataset):
 
 def test_images_are_self_standardised_floats(tiny_dataset):
     ds = open_dataset(tiny_dataset)
-    b = next(PlateStream(ds, StreamConfig("new_batches", "val", 4, train=False)).epoch(0))
+    b = next(PlateStream(ds, StreamConfig("new_batches", "val", BatchShape(4), train=False)).epoch(0))
     assert b.images.dtype == torch.float32 and tuple(b.images.shape[1:]) == ds.manifest.image_shape
     assert torch.allclose(b.images.mean(dim=(2, 3)), torch.zeros(1), atol=1e-5)
     assert torch.allclose(b.images.std(dim=(2, 3), unbiased=False), torch.ones(1), atol=1e-4)
@@ -35,7 +36,7 @@ def test_images_are_self_standardised_floats(tiny_dataset):
 
 def test_two_ranks_get_disjoint_plates_and_equal_steps(tiny_dataset):
     ds = open_dataset(tiny_dataset)
-    cfg = StreamConfig(scheme="new_batches", split="val", batch_size=4, train=True, seed=3, keep_ids=True)
+    cfg = StreamConfig(scheme="new_batches", split="val", shape=BatchShape(4), train=True, seed=3, keep_ids=True)
     streams = [PlateStream(ds, cfg, rank=r, world=2) for r in range(2)]
     for epoch in range(2):
         plates = [{b.plate for b in s.epoch(epoch)} for s in streams]
@@ -47,7 +48,8 @@ def test_same_seed_same_order_other_seed_other_order(tiny_dataset):
     ds = open_dataset(tiny_dataset)
 
     def order(seed, epoch=0):
-        cfg = StreamConfig("new_batches", "val", 4, train=True, seed=seed, augment="flip-rot90", keep_ids=True)
+        cfg = StreamConfig("new_batches", "val", BatchShape(4), train=True, seed=seed, augment="flip-rot90",
+                           keep_ids=True)
         batches = list(PlateStream(ds, cfg).epoch(epoch))
         return _ids(batches), torch.cat([b.images for b in batches])
 
@@ -60,7 +62,7 @@ def test_same_seed_same_order_other_seed_other_order(tiny_dataset):
 
 def test_controls_are_appended_from_the_same_plate(tiny_dataset):
     ds = open_dataset(tiny_dataset)
-    cfg = StreamConfig("new_batches", "test", batch_size=4, train=False, n_controls=3, keep_ids=True)
+    cfg = StreamConfig("new_batches", "test", BatchShape(4, n_controls=3), train=False, keep_ids=True)
     meta = {r["image_id"]: r for r in ds.metadata().to_pylist()}
     for b in PlateStream(ds, cfg).epoch(0):
         assert int(b.is_control.sum()) == 3 and len(b.image_ids) == int((~b.is_control).sum())
@@ -72,7 +74,7 @@ def test_controls_are_appended_from_the_same_plate(tiny_dataset):
 
 def test_multi_plate_steps(tiny_dataset):
     ds = open_dataset(tiny_dataset)
-    cfg = StreamConfig("new_batches", "val", 4, train=True, plates_per_step=2)
+    cfg = StreamConfig("new_batches", "val", BatchShape(4, plates_per_step=2), train=True)
     steps = list(PlateStream(ds, cfg).epoch(0))
     assert steps and all(len(s) == 2 and s[0].plate != s[1].plate for s in steps)
 
@@ -83,7 +85,7 @@ def test_s3_stream_gives_the_same_bytes_as_local_disk(tiny_dataset, s3_server, t
     s3_server.create_bucket("pb-stream")
     opts = s3_server.options()
     url = build_tiny_dataset("s3://pb-stream/tiny", options=opts)
-    cfg = StreamConfig("new_batches", "test", 5, train=False, keep_ids=True)
+    cfg = StreamConfig("new_batches", "test", BatchShape(5), train=False, keep_ids=True)
     local = list(PlateStream(open_dataset(tiny_dataset), cfg).epoch(0))
     remote = list(PlateStream(open_dataset(url, opts), cfg).epoch(0))
     assert _ids(local) == _ids(remote)
@@ -96,11 +98,11 @@ def test_controls_needed_but_absent_is_a_clear_error(tmp_path):
 
     url = build_tiny_dataset(tmp_path / "noctrl", controls_per_plate=0)
     with pytest.raises(HarnessError, match="needs negative controls"):
-        PlateStream(open_dataset(url), StreamConfig("new_batches", "test", 4, train=False, n_controls=2))
+        PlateStream(open_dataset(url), StreamConfig("new_batches", "test", BatchShape(4, n_controls=2), train=False))
 
 
 def test_unknown_split_is_named(tiny_dataset):
     from platebench.datasets.errors import DatasetError
 
     with pytest.raises(DatasetError, match="split 'nope' is not in scheme 'new_batches'"):
-        PlateStream(open_dataset(tiny_dataset), StreamConfig("new_batches", "nope", 4, train=False))
+        PlateStream(open_dataset(tiny_dataset), StreamConfig("new_batches", "nope", BatchShape(4), train=False))

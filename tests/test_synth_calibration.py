@@ -25,7 +25,7 @@ from platebench.harness.cli import main
 @pytest.mark.parametrize("data_seed", [0, 1])
 def test_quickstart_batch_effects_hurt_erm_and_adabn_recovers_measurably(tmp_path, data_seed):
     data = tmp_path / "data"
-    assert main(["synth", "--preset", "quickstart", "--out", str(data), "--seed", str(data_seed)]) == 0
+    assert main(["synth", "--preset", "quickstart", "--data", str(data), "--seed", str(data_seed)]) == 0
     out = tmp_path / "out"
     assert main(["bench", "--data", str(data), "--methods", "erm", "adabn", "--seeds", "0", "1", "2", "3", "4",
                  "--out", str(out), "--no-mlflow"]) == 0

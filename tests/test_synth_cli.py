@@ -20,7 +20,7 @@ def serial(tmp_path_factory):
 
 def test_cli_generates_the_same_dataset_as_a_serial_run(serial, tmp_path, capsys):
     out = str(tmp_path / "tiny")
-    assert main(["synth", "--preset", "tiny", "--out", out, "--seed", "3"]) == 0
+    assert main(["synth", "--preset", "tiny", "--data", out, "--seed", "3"]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("synth: 6 plates, 288 images (5x16x16 uint8)") and "seed 3" in summary
     m = open_dataset(out).manifest
@@ -32,23 +32,23 @@ def test_cli_generates_the_same_dataset_as_a_serial_run(serial, tmp_path, capsys
 
 def test_overwrite_is_refused_unless_asked(tmp_path, capsys):
     out = tmp_path / "ds"
-    assert main(["synth", "--preset", "tiny", "--out", str(out), "--size", "8"]) == 0
+    assert main(["synth", "--preset", "tiny", "--data", str(out), "--size", "8"]) == 0
     before = (out / "manifest.json").read_text()
-    assert main(["synth", "--preset", "tiny", "--out", str(out), "--size", "12"]) == 2
+    assert main(["synth", "--preset", "tiny", "--data", str(out), "--size", "12"]) == 2
     assert "already holds a dataset" in capsys.readouterr().err
     assert (out / "manifest.json").read_text() == before  # untouched
-    assert main(["synth", "--preset", "tiny", "--out", str(out), "--size", "12", "--overwrite"]) == 0
+    assert main(["synth", "--preset", "tiny", "--data", str(out), "--size", "12", "--overwrite"]) == 0
     assert json.loads((out / "manifest.json").read_text())["height"] == 12
     assert open_dataset(str(out)).verify() == []
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
-    assert main(["synth", "--preset", "nope", "--out", str(tmp_path / "a")]) == 2
+    assert main(["synth", "--preset", "nope", "--data", str(tmp_path / "a")]) == 2
     assert "unknown synth preset 'nope'" in capsys.readouterr().err
-    assert main(["synth", "--preset", "tiny", "--out", str(tmp_path / "b"), "--set", "effects.glare=1"]) == 2
+    assert main(["synth", "--preset", "tiny", "--data", str(tmp_path / "b"), "--set", "effects.glare=1"]) == 2
     assert "unknown synth override key 'effects.glare'" in capsys.readouterr().err
     assert main(["synth", "--preset", "tiny"]) == 2
-    assert "--out is required" in capsys.readouterr().err
+    assert "--data is required" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

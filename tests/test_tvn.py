@@ -12,9 +12,6 @@ from platebench.methods.tvn import TVN
 RIDGE = 0.5
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def _plate(seed: int, n_queries: int = 20, n_controls: int = 30, d: int = 8):
     """float64 embeddings of one plate: a plate-specific offset/mixing plus class shifts for the queries."""
     g = torch.Generator().manual_seed(seed)

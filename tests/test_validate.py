@@ -37,7 +37,7 @@ def test_a_claimed_selection_that_the_records_do_not_support_is_named(finished, 
     done = json.loads(done_path.read_text())
     done["selected_epoch"] = 3 if done["selected_epoch"] != 3 else 1
     done_path.write_text(json.dumps(done))
-    assert main(["validate", str(out), "--report", str(tmp_path / "r.json")]) == 2
+    assert main(["validate", str(out), "--json", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert f"run {done['run_id']}: field 'selected_epoch': done.json claims epoch {done['selected_epoch']}" in err
     report = json.loads((tmp_path / "r.json").read_text())

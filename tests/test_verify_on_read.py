@@ -46,11 +46,12 @@ def _edit_splits(root, **splits):
 @pytest.mark.usefixtures("ray_session")
 def test_stream_refuses_a_part_that_still_decodes_but_fails_its_checksum(tmp_path):
     from platebench.harness.data.stream import PartCache, PlateStream, StreamConfig
+    from platebench.methods.base import BatchShape
 
     root = build_tiny_dataset(tmp_path / "ds")
     part = _change_one_pixel(root, "b2p1")
     ds = open_dataset(root)
-    cfg = StreamConfig("new_batches", "val", 4, train=False)
+    cfg = StreamConfig("new_batches", "val", BatchShape(4), train=False)
     with pytest.raises(DatasetError) as info:
         list(PlateStream(ds, cfg).epoch(0))
     msg = str(info.value)
@@ -59,7 +60,8 @@ def test_stream_refuses_a_part_that_still_decodes_but_fails_its_checksum(tmp_pat
     assert part.sha256 in msg and "bytes read " in msg
     # The intact parts of the same dataset still stream, and go into the part cache as read.
     cache = PartCache(2**30)
-    batches = list(PlateStream(ds, StreamConfig("new_batches", "test", 4, train=False), cache=cache).epoch(0))
+    batches = list(PlateStream(ds, StreamConfig("new_batches", "test", BatchShape(4), train=False),
+                               cache=cache).epoch(0))
     assert batches and set(cache._parts) == {p.path for p in ds.manifest.parts if p.plate.startswith("b3")}
 
 

@@ -94,7 +94,7 @@ class Preset:
         return dataclasses.asdict(self)
 
 
-# Calibrated (tests/test_synth_calibration.py, README "Synthetic plates") so that ERM converges within the
+# Calibrated (tests/test_synth_calibration.py, docs/datasets.md "Synthetic plates") so that ERM converges within the
 # default benchmark's 2-core budget: a class signal strong enough to be learnt in a few epochs, batch effects
 # strong enough to cost ERM >= 10 points on new batches and leave AdaBN a measurable gain. Two plates per batch,
 # not three: an epoch is two thirds as long, so the suite affords the epochs ERM needs to converge.

@@ -42,10 +42,9 @@ import torch
 from platebench.methods import Batch, Method
 from platebench.methods.distributed import all_gather_objects
 
-from ..data.batching import to_batch
 from ..data.rebatch import Rebatcher, RowBatch
-from ..data.stream import PlateStream, StreamConfig
-from ..results.records import REPRESENTATION
+from ..data.stream import PlateStream
+from ..results.vocabulary import REPRESENTATION, REPRESENTATION_METRICS
 from .bn_shift import BNCapture, Moments, Reference
 from .metrics import (
     NULL_SIZE,
@@ -59,8 +58,7 @@ from .metrics import (
 )
 
 PROTOCOL = REPRESENTATION
-METRICS = ("map_activity", "frac_retrieved", "map_consistency", "silhouette_batch", "ilisi", "bn_shift_kl",
-           "bn_shift_mmd")
+METRICS = REPRESENTATION_METRICS
 REFERENCE_IMAGES_PER_PLATE = 256  # training images per plate for the BN-shift reference (whole batches)
 WELL_COLUMNS = ("plate", "well", "batch", "source", "cell_type", "perturbation", "label", "is_control")
 
@@ -104,17 +102,14 @@ def training_batches(evaluator, max_images_per_plate: int | None = REFERENCE_IMA
     controls): the BN-shift reference, seen under the same test-time rules as the test plates. Each plate gives
     its first batches up to `max_images_per_plate` images (None: all), so every plate weighs in and the cost
     stays bounded on large plates."""
-    ev = evaluator
-    stream = PlateStream(ev.ds, StreamConfig(scheme=ev.spec.split_scheme, split="train", batch_size=ev.main_batch,
-                                             train=False, n_controls=ev.main_controls, seed=ev.spec.seed,
-                                             channel_stats=ev.channel_stats), ev.rank, ev.world, ev.cache)
+    stream = evaluator.stream("train")
     for plate, _ in stream.plan(0)[0]:
         taken = 0
-        for item in _plate_items(stream, ev.cache, plate, None)[0]:
+        for item in _plate_items(stream, evaluator.cache, plate, None)[0]:
             if max_images_per_plate is not None and taken >= max_images_per_plate:
                 break
             taken += item.queries.num_rows
-            yield _to_batch(stream, item)
+            yield stream.convert(item)
 
 
 def analyze(method: Method, evaluator, train_reference: Iterable[Batch] | None, epoch: int, *,
@@ -234,8 +229,8 @@ def _plate_items(stream: PlateStream, cache, plate: str, control_expr) -> tuple[
     rb = Rebatcher(stream.config.rebatch_spec(0))
     controls = []
     for block in _plate_blocks(stream.ds, cache, plate):
-        is_control = block.column("is_control").to_numpy(zero_copy_only=False)
-        rb.push(block, _row_mask(block, stream.query_expr), is_control)
+        queries, is_control = stream.masks(block)
+        rb.push(block, queries, is_control)
         if control_expr is not None and is_control.any():
             mask = _row_mask(block, control_expr)
             if mask.any():
@@ -244,15 +239,11 @@ def _plate_items(stream: PlateStream, cache, plate: str, control_expr) -> tuple[
     return rb.pop(), (pa.concat_tables(controls) if controls else None)
 
 
-def _to_batch(stream: PlateStream, item: RowBatch) -> Batch:
-    return to_batch(item, stream.manifest, stream.domains, None, None, False, stream.config.channel_stats)
-
-
 def _embed_split(method: Method, evaluator, split: str, capture: BNCapture, reference: Reference | None,
                  seed: int) -> dict:
     """This rank's well sums and per-plate BN shifts of one split."""
     ev = evaluator
-    stream = ev._stream(split, ev.main_batch, ev.main_controls)
+    stream = ev.stream(split)
     control_expr = ev.ds.split_expression(ev.spec.split_scheme, split) & pc.field("is_control")
     wells, shifts = _Wells(), []
     for plate, _ in stream.plan(0)[0]:
@@ -263,7 +254,7 @@ def _embed_split(method: Method, evaluator, split: str, capture: BNCapture, refe
         control_chunks = _split_rows_evenly(controls, len(items)) if tta_controls else []
         for i, item in enumerate(items):
             n_q = item.queries.num_rows
-            feats = capture.embed(method, _to_batch(stream, item).to(ev.device), moments, n_q)
+            feats = capture.embed(method, stream.convert(item).to(ev.device), moments, n_q)
             wells.add(item.queries, feats[:n_q])
             n_queries += n_q
             if control_chunks and control_chunks[i] is not None:
@@ -273,13 +264,13 @@ def _embed_split(method: Method, evaluator, split: str, capture: BNCapture, refe
                 chunk = control_chunks[i]
                 joined = RowBatch(queries=pa.concat_tables([item.queries, chunk]), controls=item.controls,
                                   plate=item.plate)
-                feats = capture.embed(method, _to_batch(stream, joined).to(ev.device), None, 0)
+                feats = capture.embed(method, stream.convert(joined).to(ev.device), None, 0)
                 wells.add(chunk, feats[n_q:n_q + chunk.num_rows])
         if ev.track != "tta" and controls is not None:  # eval mode: rows are independent, any batching will do
             size = ev.main_batch or controls.num_rows
             for start in range(0, controls.num_rows, size):
                 chunk = controls.slice(start, size)
-                feats = capture.embed(method, _to_batch(stream, RowBatch(chunk, None, plate)).to(ev.device), None, 0)
+                feats = capture.embed(method, stream.convert(RowBatch(chunk, None, plate)).to(ev.device), None, 0)
                 wells.add(chunk, feats[: chunk.num_rows])
         if moments is not None and n_queries:
             shifts.append({"plate": plate, "batch": stream.domains.plate_meta[plate]["batch"], "n": n_queries,

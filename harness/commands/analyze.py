@@ -13,61 +13,51 @@ shift per layer); logs them to the run's MLflow run when done.json names one (a 
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 from pathlib import Path
 
-from platebench.datasets.storage import describe_error, filesystem, join
-
 from ..errors import HarnessError
+from ..results.layout import DONE_FILE, SPEC_FILE, finished_run_ids, read_run_json, run_file
 
 PROJECTIONS = ("umap", "tsne")
 
 
 def add_parser(sub):
-    from platebench.harness.commands.flags import positive_int
+    from platebench.harness.commands import flags
 
     p = sub.add_parser("analyze", help="representation analysis of a finished run: batch mixing, biological "
                                        "retrieval (mAP), BN-statistics shift, UMAPs",
                        description="Embed a finished run's test splits with its selected weights, aggregate to "
                                    "well profiles and measure batch mixing (silhouette, iLISI), biological "
                                    "signal (copairs mAP) and the BatchNorm-statistics shift; draw projections "
-                                   "and per-layer shift curves.")
-    p.add_argument("--records", required=True, metavar="STORAGE",
-                   help="the run storage root (holding runs/, trainings/, records/): local path, file://, s3://")
+                                   "and per-layer shift curves. STORAGE holds the run's runs/, trainings/ and "
+                                   "records/; without --data the run's own dataset is read (the same checksum).")
+    flags.add_records_flag(p)
     p.add_argument("--run", required=True, metavar="RUN_ID",
                    help="run id, or a prefix naming one finished run (e.g. erm-s0); runs/<RUN_ID>/done.json must exist")
-    p.add_argument("--out", metavar="DIR", help="where to write CSVs and PNGs (default: analysis/<RUN_ID>)")
-    p.add_argument("--epoch", type=positive_int, help="epoch to analyse (default: the run's selected epoch)")
-    p.add_argument("--data", metavar="URL", help="dataset location if it moved since the run (same checksum)")
+    flags.add_out_flag(p)
+    p.add_argument("--epoch", type=flags.positive_int, help="epoch to analyse (default: the run's selected epoch)")
+    flags.add_data_flag(p)
     p.add_argument("--projection", choices=PROJECTIONS, default="umap",
                    help="2-D projection of the profiles: umap (umap-learn, default) or tsne (scikit-learn)")
     p.add_argument("--device", default="cpu", help="torch device for the embeddings (default: cpu)")
     p.add_argument("--write-records", action="store_true",
                    help="also write the rows as the run's records (records/<run>/epoch-N.representation.parquet)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                        "sqlite:///STORAGE/mlflow.db when that file exists)")
-    g.add_argument("--no-mlflow", action="store_true", help="do not log the files to MLflow")
+    flags.add_mlflow_flags(p)
     return p
 
 
 def _run_file(storage: str, run_id: str, name: str) -> dict:
-    fs, root = filesystem(storage)
-    path = join(root, "runs", run_id, name)
-    try:
-        if not fs.exists(path):
-            raise HarnessError(f"{join(storage, 'runs', run_id, name)}: not found (is {run_id!r} a finished run?)")
-        return json.loads(fs.cat_file(path))
-    except OSError as exc:
-        raise describe_error(exc, f"reading {join(storage, 'runs', run_id, name)}") from exc
+    data = read_run_json(storage, run_id, name)
+    if data is None:
+        raise HarnessError(f"{run_file(storage, run_id, name)}: not found (is {run_id!r} a finished run?)")
+    return data
 
 
 def _resolve_run(storage: str, prefix: str) -> str:
     """The finished run whose id is `prefix` or starts with it (exactly one)."""
-    fs, root = filesystem(storage)
-    ids = sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(join(root, "runs", "*", "done.json")))
+    ids = finished_run_ids(storage)
     if prefix in ids:
         return prefix
     matches = [i for i in ids if i.startswith(prefix)]
@@ -92,8 +82,8 @@ def run(args) -> int:
     from ..train.runspec import RunSpec, task_spec
 
     args.run = _resolve_run(args.records, args.run)
-    spec = RunSpec.from_dict(_run_file(args.records, args.run, "spec.json"))
-    done = _run_file(args.records, args.run, "done.json")
+    spec = RunSpec.from_dict(_run_file(args.records, args.run, SPEC_FILE))
+    done = _run_file(args.records, args.run, DONE_FILE)
     epoch = args.epoch or done.get("selected_epoch") or done.get("final_metrics", {}).get("epoch")
     if not epoch:
         raise HarnessError(f"run {args.run}: done.json names no selected or last epoch; give --epoch")

@@ -4,34 +4,33 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.commands.flags import add_seeds_flag, positive_int
+    from platebench.harness.commands import flags
     from platebench.harness.commands.session import add_launch_flags
 
     p = sub.add_parser("bench", help="run a benchmark suite (default: 8 methods x 5 seeds on quickstart) and "
                                      "write its leaderboard",
                        description="Generate the dataset if absent, train every (method, seed) of the suite as "
                                    "concurrent Ray Train runs, then write the leaderboard. Interrupt and re-run to "
-                                   "finish only what is missing. Flags override the suite.")
+                                   "finish only what is missing. Flags given override the suite; flags left out "
+                                   "take the suite's values.")
     p.add_argument("--suite", metavar="NAME", help="a built-in suite by name (default: quickstart; see --list-suites)")
     p.add_argument("--config", metavar="FILE", help="a suite YAML file of your own")
     p.add_argument("--list-suites", action="store_true", help="list the built-in suites and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print every resolved run (method, seed, every hyperparameter) and exit without training")
-    p.add_argument("--preset", help="synthetic dataset preset (overrides the suite's dataset)")
-    p.add_argument("--data", help="dataset URL (overrides the suite's dataset)")
-    p.add_argument("--split-scheme")
-    p.add_argument("--methods", nargs="+", help="method names (replace the suite's list)")
-    add_seeds_flag(p)
-    p.add_argument("--epochs", type=positive_int, help="epochs for every method")
-    p.add_argument("--backbone")
-    p.add_argument("--baseline")
-    p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="hyperparameter overrides for every method of the suite")
-    p.add_argument("--max-concurrent", type=positive_int, help="runs trained at once (default: cores / workers)")
+    flags.add_preset_flag(p)
+    flags.add_data_flag(p)
+    flags.add_split_scheme_flag(p)
+    flags.add_methods_flag(p)
+    flags.add_seeds_flag(p)
+    flags.add_epochs_flag(p)
+    flags.add_backbone_flag(p)
+    flags.add_baseline_flag(p)
+    flags.add_hparams_flag(p)
+    flags.add_max_concurrent_flag(p)
     p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's quickstart-leaderboard block with the "
                                                    "test-split tables (how README.md's figures are produced)")
     add_launch_flags(p)
-    p.set_defaults(workers=None)
     return p
 
 
@@ -63,15 +62,17 @@ def run(args) -> int:
     from platebench.datasets.shards import open_dataset
     from platebench.harness import suite as bench
     from platebench.harness.commands import session
+    from platebench.harness.commands.flags import fill_defaults
     from platebench.harness.errors import HarnessError
+    from platebench.harness.results.layout import read_done_markers
     from platebench.harness.results.leaderboard import build_leaderboard
     from platebench.harness.results.records import read_records
     from platebench.harness.results.report import to_markdown, write_report
-    from platebench.harness.results.sources import read_done_markers
     from platebench.harness.train.runner import require_runs_ok, run_many
     from platebench.harness.train.tracking import end_parent
 
     t0 = time.time()
+    fill_defaults(args, "out")  # only: every other flag left out takes the suite's value
     if args.list_suites:
         for name, path in bench.builtin_suites().items():
             s = bench.Suite.load(path)

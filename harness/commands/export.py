@@ -1,22 +1,24 @@
 """`platebench export`: a result bundle (data only) of finished runs, for a leaderboard maintainer.
 
-    platebench export --records STORAGE --out BUNDLE [--methods M ...] [--dataset NAME]
+    platebench export --records STORAGE --out DIR [--methods NAME ...] [--dataset NAME]
 """
 
 from __future__ import annotations
 
 
 def add_parser(sub):
+    from platebench.harness.commands import flags
+
     p = sub.add_parser("export", help="write a result bundle (records, run specs, done markers, dataset and code "
                                       "identity; never weights) for someone else's leaderboard",
-                       description="Copy the finished runs under STORAGE into BUNDLE: records as Parquet, run specs "
-                                   "and done markers, the dataset checksum and split-scheme definition, the code "
-                                   "identity of every run and the environment, described by BUNDLE/bundle.json. "
-                                   "No weights, checkpoints or pickles. Check it with `platebench validate BUNDLE`.")
-    p.add_argument("--records", required=True, metavar="URL",
-                   help="storage root holding records/ and runs/ (or the records/ folder itself)")
-    p.add_argument("--out", required=True, metavar="BUNDLE", help="a new (or empty) folder for the bundle")
-    p.add_argument("--methods", nargs="+", metavar="M", help="only these methods' runs (default: all)")
+                       description="Copy the finished runs under STORAGE (or its records/ folder) into the bundle "
+                                   "folder OUT, new or empty: records as Parquet, run specs and done markers, the "
+                                   "dataset checksum and split-scheme definition, the code identity of every run and "
+                                   "the environment, described by OUT/bundle.json. No weights, checkpoints or "
+                                   "pickles. Check it with `platebench validate OUT`.")
+    flags.add_records_flag(p)
+    flags.add_out_flag(p, required=True)
+    flags.add_methods_flag(p)
     p.add_argument("--dataset", metavar="NAME", help="only runs on this dataset (its manifest name)")
     return p
 

@@ -1,4 +1,4 @@
-"""`platebench ingest rxrx1|rxrx1-wilds|jump-cp --src URL --out URL ...`: raw layout -> plate shards.
+"""`platebench ingest rxrx1|rxrx1-wilds|jump-cp --src URL --data URL ...`: raw layout -> plate shards.
 
 Each layout registers its own flags and how they become the adapter's config (LAYOUTS below); the
 adapter rejects unknown config keys. Reads of the source and writes of the output use separate storage
@@ -13,26 +13,30 @@ from dataclasses import replace
 from platebench.datasets import jump_meta
 from platebench.datasets.storage import StorageOptions, absolute
 
-from .flags import add_json_flag, add_ray_flags, non_negative_int, positive_int, write_json
+from . import flags
+from .flags import non_negative_int, positive_int, write_json
 
 
-def _common(p: argparse.ArgumentParser, src_required: bool = True, geometry: bool = True) -> None:
-    p.add_argument("--src", required=src_required, help="raw dataset location (local path, file:// or s3://)")
-    p.add_argument("--out", required=True, help="output dataset root (local path or s3://bucket/prefix)")
+def _common(p: argparse.ArgumentParser, src_required: bool = True) -> argparse._MutuallyExclusiveGroup:
+    """The flags of every layout; returns the group of its geometry flags (--resize, --crop, jump-cp's --size)."""
+    flags.add_src_flag(p, required=src_required)
+    flags.add_data_flag(p, required=True)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad items (missing/corrupt images, bad metadata rows) instead of stopping; each one "
-                        "is listed with its reason in OUT/skipped.json")
-    if geometry:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--resize", type=positive_int, metavar="N", help="resize every image to N x N (bilinear)")
-        g.add_argument("--crop", type=positive_int, metavar="N", help="centre-crop every image to N x N")
+                        "is listed with its reason in DATA/skipped.json")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resize", type=positive_int, metavar="N",
+                   help="resize every image to N x N, bilinear (jump-cp: after downscaling)")
+    g.add_argument("--crop", type=positive_int, metavar="N",
+                   help="centre-crop every image to N x N (jump-cp: after downscaling)")
     r = p.add_argument_group("execution")
     r.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray: a Ray Data job parallel over plates (default); local: one process, for debugging")
-    add_ray_flags(r)
-    r.add_argument("--parallelism", type=positive_int, help="at most this many plates in flight (bounds memory)")
+    flags.add_ray_flags(r)
+    flags.add_parallelism_flag(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_json_flag(r, "the result")
+    flags.add_json_flag(r)
+    return g
 
 
 def _rxrx1_flags(p):
@@ -53,13 +57,8 @@ def _wilds_config(a) -> dict:
 
 
 def _jump_flags(p):
-    _common(p, src_required=False, geometry=False)
-    p.set_defaults(src="s3://cellpainting-gallery/cpg0016-jump")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--size", "--crop", dest="crop", type=positive_int, metavar="N",
-                   help="one output size for all sources: centre-crop to N x N after downscaling (needed when "
-                        "sources' image sizes differ)")
-    g.add_argument("--resize", type=positive_int, metavar="N", help="resize to N x N after downscaling instead")
+    geometry = _common(p, src_required=False)  # --src left out: the adapter's default, the public gallery
+    flags.add_size_flag(geometry)  # one output size for all sources, needed when their image sizes differ
     p.add_argument("--sources", nargs="+", required=True, metavar="SOURCE", help="e.g. source_3 source_8")
     p.add_argument("--metadata", required=True, metavar="URL",
                    help="jump-cellpainting/datasets metadata folder (plate.csv.gz, well.csv.gz, compound.csv.gz)")
@@ -88,9 +87,9 @@ def _jump_flags(p):
 
 def _jump_config(a) -> dict:
     keys = ["src", "sources", "metadata", "moa", "plate_types", "exclude_batches", "illum", "downscale", "resize",
-            "crop", "channels", "classes", "compounds", "label_by", "min_position_images", "folds", "val_fraction",
+            "channels", "classes", "compounds", "label_by", "min_position_images", "folds", "val_fraction",
             "split_seed", "path_map"]
-    return {k: getattr(a, k) for k in keys}
+    return {k: getattr(a, k) for k in keys} | {"crop": a.crop if a.crop is not None else a.size}
 
 
 LAYOUTS = {
@@ -102,11 +101,12 @@ LAYOUTS = {
 
 def add_parser(sub):
     p = sub.add_parser("ingest", help="convert a raw dataset into plate shards (RxRx1, RxRx1-WILDS, JUMP-CP)",
-                       description="Convert a raw dataset into plate shards + manifest. Resumable: rerun the same "
-                                   "command and written plates whose checksums still match are kept.")
+                       description="Convert a raw dataset (--src) into plate shards + manifest at the dataset root "
+                                   "--data. Resumable: rerun the same command and written plates whose checksums "
+                                   "still match are kept.")
     layouts = p.add_subparsers(dest="layout", metavar="DATASET", required=True)
-    for name, (text, flags, _) in LAYOUTS.items():
-        flags(layouts.add_parser(name, help=text, description=text))
+    for name, (text, add_flags, _) in LAYOUTS.items():
+        add_flags(layouts.add_parser(name, help=text, description=text))
     return p
 
 
@@ -121,7 +121,7 @@ def run(args) -> int:
     from ..prepare.ingest import run_ingest
 
     _, _, to_config = LAYOUTS[args.layout]
-    result = run_ingest(args.layout, to_config(args), absolute(args.out), skip_bad=args.skip_bad,
+    result = run_ingest(args.layout, to_config(args), absolute(args.data), skip_bad=args.skip_bad,
                         src_options=_src_options(args.layout, args), out_options=StorageOptions.from_env(),
                         executor=args.executor, address=args.address, num_cpus=args.num_cpus,
                         parallelism=args.parallelism, progress=not args.no_progress)

@@ -1,8 +1,10 @@
-"""`platebench inspect URL [--verify] [--split-scheme S --list-split SPLIT]`."""
+"""`platebench inspect --data URL [--verify] [--split-scheme S] [--list-split SPLIT]`."""
 
 from __future__ import annotations
 
 import sys
+
+from . import flags
 
 
 def add_parser(sub):
@@ -10,10 +12,11 @@ def add_parser(sub):
                        description="Print a dataset's manifest summary and per-split counts of plates, images and "
                                    "controls. With --verify, read every part and check its sha256, schema, row "
                                    "count and image sizes (exit 2, naming each damaged part).")
-    p.add_argument("url", help="dataset root (local path or s3://bucket/prefix)")
+    flags.add_data_flag(p, required=True)
     p.add_argument("--verify", action="store_true", help="check every part's checksum, schema and images")
-    p.add_argument("--split-scheme", help="restrict counts to this split scheme (and use it with --list-split)")
-    p.add_argument("--list-split", metavar="SPLIT", help="print the image_ids of SPLIT, one a line, and exit")
+    flags.add_split_scheme_flag(p)
+    p.add_argument("--list-split", metavar="SPLIT",
+                   help="print the image_ids of SPLIT of the split scheme, one a line, and exit")
     return p
 
 
@@ -33,18 +36,16 @@ def _counts(ds, scheme: str) -> list[tuple[str, str, int, int, int, int]]:
 
 def run(args) -> int:
     from platebench.datasets.shards import open_dataset
-    from platebench.harness.errors import HarnessError
 
-    ds = open_dataset(args.url)
+    ds = open_dataset(args.data)
     m = ds.manifest
     if args.list_split:
-        if not args.split_scheme:
-            raise HarnessError("--list-split needs --split-scheme")
-        rows = ds.split_metadata(args.split_scheme, args.list_split)
+        scheme = args.split_scheme or flags.DEFAULTS["split_scheme"]
+        rows = ds.split_metadata(scheme, args.list_split)
         sys.stdout.write("".join(f"{i}\n" for i in rows.column("image_id").to_pylist()))
         return 0
     size = sum(p.bytes for p in m.parts)
-    print(f"dataset      {m.name} v{m.version}  ({args.url})")
+    print(f"dataset      {m.name} v{m.version}  ({args.data})")
     shape = f"{len(m.channels)}x{m.height}x{m.width} {m.dtype}"
     print(f"images       {m.rows} of {shape}  channels {', '.join(m.channels)}")
     print(f"storage      {len(m.plates)} plates, {len(m.parts)} parts, {size / 2**20:.1f} MiB (zstd Parquet)")

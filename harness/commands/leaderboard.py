@@ -17,8 +17,9 @@ from platebench.datasets.storage import describe_error, filesystem, join
 from ..errors import HarnessError
 from ..results.best_configs import FILE_NAME as BEST_CONFIGS
 from ..results.best_configs import parse as parse_best_configs
+from ..results.layout import storage_root
 from ..results.selection import LEADERBOARD_RULES
-from ..results.sources import storage_root
+from . import flags
 
 
 def add_parser(sub):
@@ -27,13 +28,13 @@ def add_parser(sub):
                                    "baseline, Holm correction) and plots from run records; across several datasets "
                                    "or test splits, average ranks per track with a Friedman test and a "
                                    "critical-difference diagram; each method's cost per run next to its accuracy. "
-                                   "Several storage roots or bundles are merged by run id.")
-    p.add_argument("--records", required=True, nargs="+", metavar="URL",
-                   help="storage roots or result bundles holding records/ (or records/ folders themselves): local "
-                        "path, file://, s3://; several are merged (a run found in several counts once; a run id with "
-                        "different numbers, or one dataset and scheme with different checksums, is refused)")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write leaderboard.{md,csv,json,html} and PNGs")
-    p.add_argument("--baseline", default="erm", help="method every row is compared with (default: erm)")
+                                   "Several storage roots or bundles are merged by run id: a run found in several "
+                                   "counts once; a run id with different numbers, or one dataset and scheme with "
+                                   "different checksums, is refused. Writes leaderboard.{md,csv,json,html} and PNGs "
+                                   "to OUT.")
+    flags.add_records_flag(p, several=True)
+    flags.add_out_flag(p, required=True)
+    flags.add_baseline_flag(p)
     p.add_argument("--selection", choices=list(LEADERBOARD_RULES), default="val",
                    help="epoch selection: best validation accuracy (default), lowest validation loss, or the last "
                         "epoch")
@@ -84,6 +85,7 @@ def run(args) -> int:
     from ..results.leaderboard import build_leaderboard
     from ..results.report import to_markdown, write_report
 
+    flags.fill_defaults(args, "baseline")
     merged = sources.load(args.records)
     best, best_src = load_best_configs(args.records, args.best_configs)
     try:

@@ -9,7 +9,7 @@ def add_parser(sub):
     p = sub.add_parser("methods", help="list methods (built-in and from installed plugins) with their track, "
                                        "needed context and hyperparameter defaults")
     p.add_argument("names", nargs="*", help="only these methods")
-    add_json_flag(p, "the methods' descriptions")
+    add_json_flag(p)
     return p
 
 

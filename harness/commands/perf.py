@@ -6,67 +6,67 @@ error with exit status 2 at once.
 
 from __future__ import annotations
 
+# What a perf flag left out means beyond the shared DEFAULTS (flags.fill_defaults): each benchmark's own amount of
+# work, as the flags' help says.
+_OWN_DEFAULTS = {"data": {"parallelism": 2}, "tune": {"max_concurrent": 1}, "ingest": {"size": 128}}
+
 
 def _common(p) -> None:
     from platebench.harness.commands.flags import add_json_flag, add_ray_flags
 
-    add_json_flag(p, "the figures (one flat object with 'ratio')")
+    add_json_flag(p)
     add_ray_flags(p)
 
 
 def add_parser(sub):
-    from platebench.harness.commands.flags import add_seed_flag, non_negative_int, positive_float, positive_int
-    from platebench.harness.train.runner import Launch
+    from platebench.harness.commands import flags
 
-    p = sub.add_parser("perf", help="benchmarks of the harness itself (throughput, overhead), as in-run ratios")
+    p = sub.add_parser("perf", help="benchmarks of the harness itself (throughput, overhead), as in-run ratios",
+                       description="Each benchmark prints its figures; --json writes them as one flat object with "
+                                   "'ratio'.")
     perf = p.add_subparsers(dest="perf_command", metavar="BENCHMARK", required=True)
     d = perf.add_parser("data", help="stream images/s vs the same batches read by pyarrow threads, by a torch "
                                      "DataLoader, and one core's decompression + conversion limit")
-    d.add_argument("--data", required=True, help="dataset root (e.g. the `large` preset)")
-    d.add_argument("--batch-size", type=positive_int, default=64)
-    d.add_argument("--parallelism", type=positive_int, default=2,
-                   help="concurrent read tasks / read threads / DataLoader workers")
-    d.add_argument("--limit-parts", type=positive_int, help="read only the plates of the first N parts")
-    d.add_argument("--repeats", type=positive_int, default=2, help="interleaved repeats; the best of each path is kept")
+    flags.add_data_flag(d, required=True)
+    flags.add_batch_size_flag(d, default=64)
+    flags.add_parallelism_flag(d)
+    d.add_argument("--limit-parts", type=flags.positive_int, help="read only the plates of the first N parts")
+    flags.add_repeats_flag(d, default=2)
     t = perf.add_parser("train", help="one `platebench run` epoch (Ray Train + Ray Data) vs a plain PyTorch loop "
                                       "over the same shards, training and evaluation alike")
-    t.add_argument("--data", help="dataset root (default: the `quickstart` preset, generated into a temporary folder)")
-    t.add_argument("--split-scheme", default="new_batches")
-    t.add_argument("--method", default="erm")
-    t.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameter overrides")
-    t.add_argument("--backbone", default="resnet-tiny")
-    add_seed_flag(t, "the run's training")
-    t.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers / plain DDP processes")
-    t.add_argument("--cpus-per-worker", type=positive_float, default=1.0,
-                   help="torch threads of each worker, both paths")
-    t.add_argument("--read-threads", type=positive_int, default=4, help="pyarrow read threads of the plain loop")
-    t.add_argument("--cache-mb", type=non_negative_int, default=Launch.cache_mb,
-                   help="per worker, both paths: parts kept in memory")
-    t.add_argument("--gpu", action="store_true")
-    t.add_argument("--repeats", type=positive_int, default=1,
-                   help="interleaved repeats; the best wall time of each is kept")
+    flags.add_data_flag(t)
+    flags.add_split_scheme_flag(t)
+    flags.add_method_flag(t)
+    flags.add_hparams_flag(t)
+    flags.add_backbone_flag(t)
+    flags.add_seed_flag(t)
+    flags.add_workers_flag(t)
+    flags.add_cpus_per_worker_flag(t)
+    t.add_argument("--read-threads", type=flags.positive_int, default=4, help="pyarrow read threads of the plain loop")
+    flags.add_cache_mb_flag(t)
+    flags.add_gpu_flag(t)
+    flags.add_repeats_flag(t, default=1)
     u = perf.add_parser("tune", help="per-trial Tune+Train overhead vs a trial's training time")
-    u.add_argument("--data", help="dataset root (default: the `quickstart` preset, generated into a temporary folder)")
-    u.add_argument("--split-scheme", default="new_batches")
-    u.add_argument("--method", default="erm")
-    u.add_argument("--trials", type=positive_int, default=3)
-    u.add_argument("--epochs", type=positive_int,
-                   help="epochs per trial (default: the method's, 10: a full quickstart trial)")
-    u.add_argument("--max-concurrent", type=positive_int, default=1)
+    flags.add_data_flag(u)
+    flags.add_split_scheme_flag(u)
+    flags.add_method_flag(u)
+    flags.add_trials_flag(u, default=3)
+    flags.add_epochs_flag(u)  # the method's default, 10: a full quickstart trial
+    flags.add_max_concurrent_flag(u)
     m = perf.add_parser("methods", help="training-step time and peak memory of each method relative to ERM")
-    m.add_argument("--methods", nargs="+")
-    m.add_argument("--backbone", default="resnet-tiny")
-    m.add_argument("--batch-size", type=positive_int, default=32)
-    m.add_argument("--image-size", type=positive_int, default=32)
-    m.add_argument("--steps", type=positive_int, default=10)
+    flags.add_methods_flag(m)
+    flags.add_backbone_flag(m)
+    flags.add_batch_size_flag(m, default=32)
+    m.add_argument("--image-size", type=flags.positive_int, default=32)
+    m.add_argument("--steps", type=flags.positive_int, default=10)
     i = perf.add_parser("ingest", help="ingestion images/s: the Ray Data job (first, then warm) vs a process pool "
                                        "of as many workers")
-    i.add_argument("--src", help="raw dataset (default: generate an RxRx1-layout tree)")
+    flags.add_src_flag(i)
     i.add_argument("--layout", default="rxrx1", choices=["rxrx1", "rxrx1-wilds", "jump-cp"])
-    i.add_argument("--experiments", type=positive_int, default=3,
+    i.add_argument("--experiments", type=flags.positive_int, default=3,
                    help="generated experiments (4 plates of 616 sites each)")
-    i.add_argument("--size", type=positive_int, default=128)
-    i.add_argument("--parallelism", type=positive_int, help="Ray tasks and pool processes (default: the Ray CPUs)")
+    flags.add_size_flag(i)
+    flags.add_parallelism_flag(i)
     for q in (d, t, u, m, i):
         _common(q)
     return p
@@ -76,6 +76,7 @@ def run(args) -> int:
     from platebench.harness.perf.common import emit
 
     name = args.perf_command
+    _fill_defaults(args)
     if name == "methods":
         from platebench.harness.perf import methods
 
@@ -93,6 +94,15 @@ def run(args) -> int:
     keys = importlib.import_module(f"platebench.harness.perf.{name}").KEYS  # the documented figures
     emit(name, runners[name](args), args.json, keys)
     return 0
+
+
+def _fill_defaults(args) -> None:
+    from platebench.harness.commands.flags import fill_defaults
+
+    fill_defaults(args, *(d for d in ("split_scheme", "method", "backbone", "workers") if hasattr(args, d)))
+    for dest, value in _OWN_DEFAULTS.get(args.perf_command, {}).items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def _start_ray(args) -> None:
@@ -131,10 +141,9 @@ def _train(args) -> dict:
         spec = train.prepare(args.data, args.split_scheme, args.method, hparams, args.backbone, args.seed, args.workers)
         _start_ray(args)
         return train.run(spec, **options)
-    from platebench.methods import get_method
-    from platebench.methods.base import resolve_hparams
+    from platebench.harness.train.runspec import resolve_run_hparams
 
-    resolve_hparams(get_method(args.method), {**hparams, "epochs": 1})  # before a minute of generation
+    resolve_run_hparams(args.method, {**hparams, "epochs": 1})  # before a minute of generation
     work = tempfile.mkdtemp(prefix="pb-perf-train-")
     try:
         _start_ray(args)

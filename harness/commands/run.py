@@ -4,21 +4,21 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.commands.flags import add_seeds_flag, positive_int
+    from platebench.harness.commands import flags
     from platebench.harness.commands.session import add_launch_flags
 
     p = sub.add_parser("run", help="train one method for some seeds (Ray Train, DDP), evaluate every epoch",
                        description="Train METHOD on the dataset's split scheme for each seed, in Ray Train lanes. Runs "
                                    "are content-addressed: the same command resumes an interrupted run and skips "
                                    "finished ones.")
-    p.add_argument("--data", required=True, help="dataset root (dir or s3://)")
-    p.add_argument("--split-scheme", required=True)
-    p.add_argument("--method", required=True)
-    add_seeds_flag(p, default=[0])
-    p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameter overrides")
-    p.add_argument("--epochs", type=positive_int, help="shorthand for --hparams epochs=N")
-    p.add_argument("--backbone", default="resnet-tiny", help="resnet-tiny | resnet18 | resnet50 | densenet161 | ...")
-    p.add_argument("--max-concurrent", type=positive_int, help="runs trained at once (default: cores / workers)")
+    flags.add_data_flag(p, required=True)
+    flags.add_split_scheme_flag(p)
+    flags.add_method_flag(p, required=True)
+    flags.add_seeds_flag(p)
+    flags.add_hparams_flag(p)
+    flags.add_epochs_flag(p)
+    flags.add_backbone_flag(p)
+    flags.add_max_concurrent_flag(p)
     add_launch_flags(p)
     return p
 
@@ -26,10 +26,11 @@ def add_parser(sub):
 def run(args) -> int:
     from platebench.datasets.shards import open_dataset
     from platebench.harness.commands import session
-    from platebench.harness.commands.flags import parse_pairs
+    from platebench.harness.commands.flags import fill_defaults, parse_pairs
     from platebench.harness.train.runner import require_runs_ok, run_many
     from platebench.harness.train.runspec import build_specs, check_trainable
 
+    fill_defaults(args, "split_scheme", "seeds", "backbone", "workers", "out")
     hparams = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:
         hparams["epochs"] = args.epochs

@@ -14,25 +14,32 @@ from .. import ray_local
 from ..errors import HarnessError
 from ..train import faults, tracking
 from ..train.runner import Launch, check_storage_writable
-from .flags import add_ray_flags, non_negative_int, positive_float, positive_int
+from .flags import (
+    add_cache_mb_flag,
+    add_cpus_per_worker_flag,
+    add_gpu_flag,
+    add_mlflow_flags,
+    add_out_flag,
+    add_ray_flags,
+    add_workers_flag,
+    non_negative_int,
+)
 
 
 def add_launch_flags(p) -> None:
     g = p.add_argument_group("execution")
-    g.add_argument("--out", default="platebench-out", help="output folder (MLflow store, default storage)")
+    add_out_flag(g)
     g.add_argument("--storage", help="where records, checkpoints and done markers go (dir or s3://; default --out)")
-    g.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers per run (DDP)")
-    g.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL backend")
-    g.add_argument("--cpus-per-worker", type=positive_float, default=1.0)
-    g.add_argument("--cache-mb", type=non_negative_int, default=Launch.cache_mb,
-                   help="per worker: keep dataset parts in memory across epochs up to this size (0: off)")
+    add_workers_flag(g)
+    add_gpu_flag(g)
+    add_cpus_per_worker_flag(g)
+    add_cache_mb_flag(g)
     g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_SPREAD"],
                    help="how a run's workers are placed on nodes (STRICT_SPREAD: one per node)")
     g.add_argument("--max-failures", type=non_negative_int, default=2,
                    help="worker failures a run survives (FailureConfig)")
     add_ray_flags(g)
-    g.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///OUT/mlflow.db)")
-    g.add_argument("--no-mlflow", action="store_true", help="records only, no MLflow")
+    add_mlflow_flags(g)
     g.add_argument("--inject-fault", metavar="SPEC", help="resilience drill: kill a worker once, e.g. "
                                                           "epoch=2,step=3,rank=0,mode=exit")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from platebench.harness.commands.flags import add_seed_flag, non_negative_int, positive_int
+    from platebench.harness.commands import flags
     from platebench.harness.commands.session import add_launch_flags
 
     p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune (Optuna TPE + ASHA); every trial is a "
@@ -12,20 +12,20 @@ def add_parser(sub):
                        description="Search METHOD's space (tune_spaces/METHOD.yaml or --space) on the validation "
                                    "split, write OUT/best_config.json and STORAGE/best_configs.json, and optionally "
                                    "rerun the best configuration on --final-seeds for the leaderboard.")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split-scheme", required=True)
-    p.add_argument("--method", required=True)
+    flags.add_data_flag(p, required=True)
+    flags.add_split_scheme_flag(p)
+    flags.add_method_flag(p, required=True)
     p.add_argument("--space", metavar="FILE", help="search space YAML (default tune_spaces/METHOD.yaml)")
-    p.add_argument("--trials", type=positive_int, default=8)
+    flags.add_trials_flag(p, default=8)
     p.add_argument("--search", choices=["optuna", "random"], default="optuna")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: cores / workers)")
-    add_seed_flag(p, "the searcher and the trials' training")
-    p.add_argument("--epochs", type=positive_int, help="epochs per trial (and final runs)")
-    p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="fixed (not searched) values")
-    p.add_argument("--backbone", default="resnet-tiny")
+    flags.add_max_concurrent_flag(p)
+    flags.add_seed_flag(p)
+    flags.add_epochs_flag(p)
+    flags.add_hparams_flag(p)
+    flags.add_backbone_flag(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
-    p.add_argument("--final-seeds", nargs="+", type=non_negative_int,
+    p.add_argument("--final-seeds", nargs="+", type=flags.non_negative_int,
                    help="rerun the selected configuration on these seeds")
     add_launch_flags(p)
     return p
@@ -37,13 +37,14 @@ def run(args) -> int:
 
     from platebench.datasets.shards import open_dataset
     from platebench.harness.commands import session
-    from platebench.harness.commands.flags import parse_pairs
+    from platebench.harness.commands.flags import fill_defaults, parse_pairs
     from platebench.harness.train.runner import require_runs_ok, run_many
     from platebench.harness.train.runspec import build_specs, check_trainable
     from platebench.harness.train.tracking import end_parent
     from platebench.harness.tune import space as tune_space
     from platebench.harness.tune import sweep
 
+    fill_defaults(args, "split_scheme", "backbone", "workers", "out")
     ds = open_dataset(args.data)
     fixed = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def add_parser(sub):
+    from platebench.harness.commands.flags import add_json_flag
+
     p = sub.add_parser("validate", help="check suite and search-space files, best_configs.json, records folders and "
                                         "result bundles",
                        description="One line per problem naming the file, run and field; exit 2 when any. A folder "
@@ -11,19 +13,20 @@ def add_parser(sub):
                                    "complete runs, selection recomputed from the validation records, no duplicates, "
                                    "every seed of a method evaluated on the same splits and domains) or a result "
                                    "bundle from `platebench export` (also: data files only, checksums as listed, "
-                                   "dataset checksums known, every split of the scheme evaluated).")
+                                   "dataset checksums known, every split of the scheme evaluated). --json writes "
+                                   "the report {path: {kind, problems, ...}}.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--manifest", action="append", default=[], metavar="URL",
                    help="a dataset root or manifest.json: every run on that dataset must have its checksum and be "
                         "evaluated on every split of its scheme (repeat for several datasets)")
-    p.add_argument("--report", metavar="FILE", help="also write a JSON report {path: {kind, problems, ...}}")
+    add_json_flag(p)
     return p
 
 
 def run(args) -> int:
-    import json
     import sys
 
+    from platebench.harness.commands.flags import write_json
     from platebench.harness.errors import HarnessError
     from platebench.harness.results.validate import kind_of, validate_bundle, validate_file, validate_records
 
@@ -40,11 +43,10 @@ def run(args) -> int:
         total += len(problems)
         for line in problems:
             print(f"{path}: {line}" if not line.startswith(path) else line, file=sys.stderr)
-        if not problems:
+        if not problems and args.json != "-":  # stdout is the report's
             print(f"{path}: {kind} OK" + (f" ({summary['runs']} runs)" if "runs" in summary else ""))
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=1, default=list)
+    if args.json:
+        write_json(report, args.json)
     if total:
         raise HarnessError(f"{total} problem(s) in {sum(bool(r['problems']) for r in report.values())} path(s)")
     return 0

@@ -1,4 +1,4 @@
-"""Turn a stream of single-plate Arrow blocks into mini-batches (pure Python; no Ray, no torch).
+"""Turn a stream of single-plate Arrow blocks into mini-batches (Python and pyarrow; no Ray, no tensors).
 
 Why a re-batcher: Ray Data's own batching mixes plates or gives ragged batches, and its groupby/sort
 are all-to-all barriers that wait for the whole dataset. Blocks here are whole parts (one plate each), arriving in
@@ -21,15 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from platebench.methods.base import BatchShape
 
 
 @dataclass(frozen=True)
 class RebatchSpec:
-    batch_size: int  # 0 = whole plate in one batch
+    shape: BatchShape  # batch size (0: whole plate), plate-pure or mixed, plates per step, controls per batch
     train: bool
-    plate_pure: bool = True
-    plates_per_step: int = 1
-    n_controls: int = 0
     control_pool: int = 256  # at most this many controls kept per plate (reservoir)
     mixed_buffer_plates: int = 4
     seed: int = 0
@@ -37,18 +35,19 @@ class RebatchSpec:
 
     @property
     def min_last(self) -> int:
-        if not self.train or self.batch_size == 0:
+        size = self.shape.batch_size
+        if not self.train or size == 0:
             return 1
-        return max(2, self.batch_size // 2)
+        return max(2, size // 2)
 
 
 def plate_batch_count(n_rows: int, spec: RebatchSpec) -> int:
     """Number of plate-pure batches a plate with `n_rows` query rows yields."""
     if n_rows <= 0:
         return 0
-    if spec.batch_size == 0:
+    if spec.shape.batch_size == 0:
         return 1
-    full, rest = divmod(n_rows, spec.batch_size)
+    full, rest = divmod(n_rows, spec.shape.batch_size)
     return full + (1 if rest >= spec.min_last else 0)
 
 
@@ -90,12 +89,13 @@ class _GroupState:
 
 def count_steps(plate_rows: Sequence[tuple[str, int]], spec: RebatchSpec) -> int:
     """Exact number of items the re-batcher yields for plates arriving in this order."""
-    if not spec.plate_pure:
-        return sum(n for _, n in plate_rows) // spec.batch_size
+    shape = spec.shape
+    if not shape.plate_pure:
+        return sum(n for _, n in plate_rows) // shape.batch_size
     counts = [(p, plate_batch_count(n, spec)) for p, n in plate_rows]
-    if spec.plates_per_step == 1:
+    if shape.plates_per_step == 1:
         return sum(n for _, n in counts)
-    return len(_group_steps(counts, spec.plates_per_step))
+    return len(_group_steps(counts, shape.plates_per_step))
 
 
 def _rng(spec: RebatchSpec, *keys) -> np.random.Generator:
@@ -118,13 +118,13 @@ class Rebatcher:
     """Feed single-plate blocks with `push(block, query_mask)`; read batches from `pop()`."""
 
     def __init__(self, spec: RebatchSpec):
-        self.spec = spec
+        self.spec, self.shape = spec, spec.shape
         self._plate: str | None = None
         self._carry: pa.Table | None = None
         self._emitted = 0  # batches emitted for the current plate
         self._controls: pa.Table | None = None
         self._controls_seen = 0
-        self._group = _GroupState(spec.plates_per_step)
+        self._group = _GroupState(spec.shape.plates_per_step)
         self._mixed: list[pa.Table] = []
         self._mixed_plates: list[str] = []
         self._mixed_rng = _rng(spec, "mixed")
@@ -142,12 +142,12 @@ class Rebatcher:
             self._finish_plate()
             self._plate, self._carry, self._emitted = plate, None, 0
             self._controls, self._controls_seen = None, 0
-        if self.spec.n_controls and is_control.any():
+        if self.shape.n_controls and is_control.any():
             self._add_controls(block.filter(pa.array(is_control)))
         if not query_mask.any():
             return
         rows = block.filter(pa.array(query_mask))
-        if not self.spec.plate_pure:
+        if not self.shape.plate_pure:
             self._push_mixed(plate, rows)
             return
         if self.spec.train:  # shuffle within the part; parts of a plate arrive in a seeded order
@@ -156,7 +156,7 @@ class Rebatcher:
         if self._carry is not None:
             rows = pa.concat_tables([self._carry, rows])
             self._carry = None
-        b = self.spec.batch_size
+        b = self.shape.batch_size
         if b == 0:
             self._carry = rows
             return
@@ -169,7 +169,7 @@ class Rebatcher:
     def finish(self) -> None:
         """End of the epoch's stream: flush the open plate and whatever the mode allows."""
         self._finish_plate()
-        if not self.spec.plate_pure:
+        if not self.shape.plate_pure:
             self._drain_mixed(final=True)
         # leftover groups with fewer than G distinct plates are dropped (count_steps agrees)
 
@@ -180,7 +180,7 @@ class Rebatcher:
 
     # -- internals --------------------------------------------------------------------------
     def _finish_plate(self) -> None:
-        if self._plate is None or not self.spec.plate_pure:
+        if self._plate is None or not self.shape.plate_pure:
             return
         if self._carry is not None and self._carry.num_rows >= self.spec.min_last:
             self._emit_plate_batch(self._carry)
@@ -206,21 +206,21 @@ class Rebatcher:
         self._controls = pa.concat_tables([sources[s].slice(i, 1) for s, i in slots]).combine_chunks()
 
     def _sample_controls(self) -> pa.Table | None:
-        if not self.spec.n_controls:
+        if not self.shape.n_controls:
             return None
         pool = self._controls
         if pool is None or pool.num_rows == 0:
             raise ValueError(f"plate {self._plate}: the method needs negative controls as context, "
                              f"but this plate has none")
         rng = _rng(self.spec, self._plate or "", 11, self._emitted)
-        m = self.spec.n_controls
+        m = self.shape.n_controls
         idx = rng.choice(pool.num_rows, size=m, replace=pool.num_rows < m)
         return pool.take(pa.array(idx))
 
     def _emit_plate_batch(self, rows: pa.Table) -> None:
         item = RowBatch(queries=rows, controls=self._sample_controls(), plate=self._plate)
         self._emitted += 1
-        if self.spec.plates_per_step == 1:
+        if self.shape.plates_per_step == 1:
             self._out.append(item)
             return
         self._group.add(self._plate, item)
@@ -234,7 +234,7 @@ class Rebatcher:
         self._drain_mixed(final=False)
 
     def _drain_mixed(self, final: bool) -> None:
-        b = self.spec.batch_size
+        b = self.shape.batch_size
         if not self._mixed:
             return
         if not final and len(self._mixed_plates) < self.spec.mixed_buffer_plates:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from platebench.datasets.shards import ShardDataset
+from platebench.methods.base import BatchShape, DataRequest
 
 from ..errors import HarnessError
 from .augment import check_policy
@@ -31,13 +32,13 @@ from .rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
 
 @dataclass(frozen=True)
 class StreamConfig:
+    """What one stream reads and how it batches. Built from a method's request by `for_training`, and for
+    evaluation by `for_evaluation`; tests and benchmarks may build one directly."""
+
     scheme: str | None  # None (with split None): every labelled image of the dataset
     split: str | None
-    batch_size: int  # 0 = whole plate (evaluation only)
+    shape: BatchShape  # batch size (0: whole plate, evaluation only), plate-pure or mixed, plates, controls
     train: bool
-    plate_pure: bool = True
-    plates_per_step: int = 1
-    n_controls: int = 0
     seed: int = 0
     augment: str | None = None  # policy name, training only
     read_cpus: float = 0.25  # per read task (Launch.read_cpus): leaves CPU beside the Train workers for the reads
@@ -49,18 +50,26 @@ class StreamConfig:
     channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: self-standardised images
 
     @classmethod
-    def for_training(cls, request, scheme: str, seed: int, augment: str | None = None,
+    def for_training(cls, request: DataRequest, scheme: str, seed: int, augment: str | None = None,
                      read_cpus: float | None = None, channel_stats=None) -> StreamConfig:
         """The training stream a method's DataRequest asks for (the one place a request becomes a stream)."""
-        return cls(scheme=scheme, split="train", batch_size=request.batch_size, train=True,
-                   plate_pure=request.plate_pure, plates_per_step=request.plates_per_step,
-                   n_controls=request.n_controls, seed=seed, augment=augment,
-                   read_cpus=cls.read_cpus if read_cpus is None else read_cpus, channel_stats=channel_stats)
+        return cls(scheme=scheme, split="train", shape=request.training_shape(), train=True, seed=seed,
+                   augment=augment, read_cpus=cls.read_cpus if read_cpus is None else read_cpus,
+                   channel_stats=channel_stats)
+
+    @classmethod
+    def for_evaluation(cls, scheme: str | None, split: str | None, batch_size: int, n_controls: int = 0, *,
+                       seed: int = 0, channel_stats=None, plates: tuple[str, ...] | None = None,
+                       read_concurrency: int | None = None, keep_ids: bool = False) -> StreamConfig:
+        """An evaluation stream (the one place evaluation settings become a stream): plate-pure batches of
+        `batch_size` rows (0: the whole plate), each with `n_controls` of its plate's controls appended, in plan
+        order, unshuffled and unaugmented. `scheme` and `split` None: every labelled image (of `plates`)."""
+        return cls(scheme=scheme, split=split, shape=BatchShape(batch_size, n_controls=n_controls), train=False,
+                   seed=seed, channel_stats=channel_stats, plates=plates, read_concurrency=read_concurrency,
+                   keep_ids=keep_ids)
 
     def rebatch_spec(self, epoch: int) -> RebatchSpec:
-        return RebatchSpec(batch_size=self.batch_size, train=self.train, plate_pure=self.plate_pure,
-                           plates_per_step=self.plates_per_step, n_controls=self.n_controls, seed=self.seed,
-                           epoch=epoch)
+        return RebatchSpec(shape=self.shape, train=self.train, seed=self.seed, epoch=epoch)
 
 
 class PartCache:
@@ -93,7 +102,7 @@ def assign_plates(plate_rows: list[tuple[str, int]], world: int, spec: RebatchSp
     for plate, n in plate_rows:
         r = int(np.argmin(load))
         out[r].append((plate, n))
-        load[r] += plate_batch_count(n, spec) if spec.plate_pure else n
+        load[r] += plate_batch_count(n, spec) if spec.shape.plate_pure else n
     return out
 
 
@@ -102,12 +111,13 @@ class PlateStream:
 
     def __init__(self, dataset: ShardDataset, config: StreamConfig, rank: int = 0, world: int = 1,
                  cache: PartCache | None = None):
-        if config.batch_size < 0 or (config.batch_size == 0 and config.train):
+        size = config.shape.batch_size
+        if size < 0 or (size == 0 and config.train):
             mode = "training" if config.train else "evaluation"
-            raise HarnessError(f"batch size {config.batch_size} is not valid for {mode}")
+            raise HarnessError(f"batch size {size} is not valid for {mode}")
         if config.augment:
             check_policy(config.augment)
-        if config.n_controls and not any(p.controls for p in dataset.manifest.parts):
+        if config.shape.n_controls and not any(p.controls for p in dataset.manifest.parts):
             raise HarnessError(f"{dataset.url}: the method needs negative controls as context, but the dataset "
                                f"has none (manifest parts list 0 controls)")
         self.ds, self.config, self.rank, self.world = dataset, config, rank, world
@@ -166,7 +176,9 @@ class PlateStream:
             pass
 
     # -- reading ----------------------------------------------------------------------------
-    def _parts(self, plates: list[str], epoch: int) -> list:
+    def parts(self, plates: list[str], epoch: int) -> list:
+        """The manifest parts of `plates` in the order the stream reads them in `epoch`: plate by plate, each
+        plate's control-bearing parts first, then the rest (shuffled with the seed when training)."""
         parts = []
         for plate in plates:
             mine = self.manifest.parts_of(plate)
@@ -181,9 +193,9 @@ class PlateStream:
 
     def blocks(self, plates: list[str], epoch: int) -> Iterator[pa.Table]:
         """This epoch's parts in plan order: from the part cache, else read with Ray Data."""
-        parts = self._parts(plates, epoch)
+        parts = self.parts(plates, epoch)
         missing = [p for p in parts if self.cache.get(p.path) is None]
-        fetched = self._read(missing)
+        fetched = self.read_parts(missing)
         try:
             for part in parts:
                 cached = self.cache.get(part.path)
@@ -199,7 +211,9 @@ class PlateStream:
         finally:
             fetched.close()
 
-    def _read(self, parts: list) -> Iterator[pa.Table]:
+    def read_parts(self, parts: list) -> Iterator[pa.Table]:
+        """One block per part of `parts`, in order, read by Ray Data tasks (no cache). The one source of blocks:
+        a subclass that reads another way overrides it (perf.plain.PlainPlateStream)."""
         if not parts:
             return
         import ray.data
@@ -219,7 +233,8 @@ class PlateStream:
         except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
             raise plain_error(exc) from None
 
-    def _masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of `block` this stream batches: labelled and in the split; rows that are negative controls)."""
         n = block.num_rows
         small = block.select(self._pred_columns).append_column("_row", pa.array(np.arange(n)))
         rows = small.filter(self.query_expr).column("_row").to_numpy()
@@ -242,7 +257,7 @@ class PlateStream:
             for _ in self._with_end(blocks, rb):
                 for item in rb.pop():
                     g.manual_seed(((self.config.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_000_033 + done)
-                    yield self._convert(item, g)
+                    yield self.convert(item, g)
                     done += 1
                     if done == steps:
                         return
@@ -255,13 +270,15 @@ class PlateStream:
 
     def _with_end(self, blocks, rb: Rebatcher):
         for block in blocks:
-            qmask, cmask = self._masks(block)
+            qmask, cmask = self.masks(block)
             rb.push(block, qmask, cmask)
             yield block
         rb.finish()
         yield None
 
-    def _convert(self, item, g: torch.Generator):
+    def convert(self, item, g: torch.Generator | None = None):
+        """Re-batcher output (a RowBatch, or a list of them for several plates per step) as `Batch` tensors, as
+        this stream delivers them: augmented with `g` when training, image ids when `keep_ids`."""
         policy = self.config.augment if self.config.train else None
         if isinstance(item, list):
             return [to_batch(it, self.manifest, self.domains, policy, g, self.config.keep_ids,

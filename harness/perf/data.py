@@ -41,8 +41,8 @@ KEYS = ("ratio", "stream_images_per_s", "stream_mb_per_s", "pyarrow_images_per_s
 
 def stream_config(ds: ShardDataset, batch_size: int, parallelism: int, limit_parts: int | None) -> StreamConfig:
     parts = ds.manifest.parts[:limit_parts] if limit_parts else ds.manifest.parts
-    return StreamConfig(scheme=None, split=None, batch_size=batch_size, train=False, read_concurrency=parallelism,
-                        plates=tuple(sorted({p.plate for p in parts})))
+    return StreamConfig.for_evaluation(None, None, batch_size, read_concurrency=parallelism,
+                                       plates=tuple(sorted({p.plate for p in parts})))
 
 
 def _count(batches) -> dict:
@@ -55,7 +55,7 @@ def _count(batches) -> dict:
 
 def stream_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
     stream = PlateStream(ds, cfg)
-    warm = StreamConfig(scheme=None, split=None, batch_size=cfg.batch_size, train=False, plates=cfg.plates[:1])
+    warm = StreamConfig.for_evaluation(None, None, cfg.shape.batch_size, plates=cfg.plates[:1])
     next(iter(PlateStream(ds, warm).epoch(0)))  # start Ray Data's workers before the clock
     t0 = time.perf_counter()
     out = _count(stream.epoch(0))
@@ -90,6 +90,7 @@ def limit_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
     domains = DomainIndex.from_manifest(m)
     parts = [p for plate in cfg.plates for p in m.parts_of(plate)]
     labelled = pc.field("label") >= 0
+    size = cfg.shape.batch_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -97,8 +98,8 @@ def limit_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
         n = 0
         for part in parts:
             table = pq.read_table(join(ds.root, part.path), filesystem=ds.fs, use_threads=False).filter(labelled)
-            for start in range(0, table.num_rows, cfg.batch_size):
-                rows = table.slice(start, cfg.batch_size)
+            for start in range(0, table.num_rows, size):
+                rows = table.slice(start, size)
                 n += len(to_batch(RowBatch(queries=rows, controls=None, plate=part.plate), m, domains))
         seconds = time.perf_counter() - t0
     finally:

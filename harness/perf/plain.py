@@ -41,7 +41,8 @@ class PlainPlateStream(PlateStream):
         stream.read_threads = read_threads
         return stream
 
-    def _read(self, parts: list) -> Iterator[pa.Table]:
+    def read_parts(self, parts: list) -> Iterator[pa.Table]:
+        """One block per part, in order, read with pyarrow by `read_threads` threads."""
         if not parts:
             return
         # At most this many parts in flight or waiting, like the stream's prefetch window.
@@ -67,8 +68,8 @@ class PlainEvaluator(Evaluator):
         super().__init__(*args, **kwargs)
         self.read_threads = read_threads
 
-    def _stream(self, split: str, batch_size: int, n_controls: int) -> PlateStream:
-        stream = super()._stream(split, batch_size, n_controls)
+    def stream(self, split: str, batch_size: int | None = None, n_controls: int | None = None) -> PlateStream:
+        stream = super().stream(split, batch_size, n_controls)
         if not isinstance(stream, PlainPlateStream):
             PlainPlateStream.adopt(stream, self.read_threads)
         return stream
@@ -88,16 +89,16 @@ class PlateDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> list:
         s, plate = self.stream, self.plates[i]
-        if s.config.plates_per_step != 1 or not s.config.plate_pure:
+        if s.config.shape.plates_per_step != 1 or not s.config.shape.plate_pure:
             raise ValueError("PlateDataset serves plate-pure batches of one plate per step")
         rb = Rebatcher(s.config.rebatch_spec(self.epoch))
-        for part in s._parts([plate], self.epoch):
+        for part in s.parts([plate], self.epoch):
             block = s.ds.read_part(part, retries=s.config.read_retries)
-            qmask, cmask = s._masks(block)
+            qmask, cmask = s.masks(block)
             rb.push(block, qmask, cmask)
         rb.finish()
         g = torch.Generator().manual_seed(i)
-        return [s._convert(item, g) for item in rb.pop()]
+        return [s.convert(item, g) for item in rb.pop()]
 
 
 def keep_as_is(item):

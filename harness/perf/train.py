@@ -28,6 +28,7 @@ from platebench.methods.backbones import DEFAULT_BACKBONE
 from platebench.methods.distributed import free_port
 
 from ..errors import HarnessError
+from ..results.vocabulary import main_overall
 from ..train.runspec import RunSpec, build_specs, check_trainable
 
 KEYS = ("ratio", "training_ratio", "evaluation_ratio", "ray_wall_s", "ray_setup_s", "ray_training_s",
@@ -48,7 +49,7 @@ def _plain_worker(cfg: dict) -> dict:
     from ..data.channel_stats import channel_stats
     from ..data.stream import PartCache, StreamConfig
     from ..results.records import main_value
-    from ..train.loop import seed_all
+    from ..train.epochs import seed_all
     from ..train.runspec import task_spec
     from ..train.schedule import lr_factor
     from .plain import PlainEvaluator, PlainPlateStream
@@ -75,11 +76,9 @@ def _plain_worker(cfg: dict) -> dict:
                                    read_threads=cfg["read_threads"])
         setup_s = time.perf_counter() - t0
 
-        req = trainer.data_request()
-        stream = PlainPlateStream(ds, StreamConfig(
-            scheme=t.split_scheme, split="train", batch_size=req.batch_size, train=True, plate_pure=req.plate_pure,
-            plates_per_step=req.plates_per_step, n_controls=req.n_controls, seed=t.seed, augment=hp["augment"],
-            channel_stats=stats), rank, world, cache, read_threads=cfg["read_threads"])
+        stream = PlainPlateStream(ds, StreamConfig.for_training(
+            trainer.data_request(), t.split_scheme, t.seed, hp["augment"], channel_stats=stats),
+            rank, world, cache, read_threads=cfg["read_threads"])
         epoch, epochs = 0, 1
         t0 = time.perf_counter()
         seed_all(t.seed * 7919 + rank * 104729 + epoch)
@@ -120,8 +119,7 @@ def _plain_worker(cfg: dict) -> dict:
 
 def _eval_images(rows: list[dict]) -> int:
     """Images evaluated under the main protocol, over every split (one 'all' accuracy row per split)."""
-    return sum(int(r["n"]) for r in rows
-               if r["protocol"] == "main" and r["domain_kind"] == "all" and r["metric"] == "accuracy")
+    return sum(int(r["n"]) for r in main_overall(rows))
 
 
 
@@ -147,20 +145,21 @@ def plain_epoch(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_wor
 def ray_epoch(spec: RunSpec, storage: str, workers: int = 1, gpu: bool = False, cpus_per_worker: float = 1.0,
               cache_mb: int = 512) -> dict:
     """One `platebench run` of `spec` (1 epoch) into `storage`; its wall time, done-marker timings and counts."""
+    from ..results.layout import read_done
     from ..results.records import main_value, read_records
     from ..train.checkpointing import TrainingStore
-    from ..train.runner import Launch, check_storage_writable, read_done, require_runs_ok, run_many
+    from ..train.runner import Launch, check_storage_writable, require_runs_ok, run_many
 
     launch = Launch(storage=storage, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, mlflow=None,
                     cache_mb=cache_mb)
     check_storage_writable(launch)
-    if read_done(launch, spec.run_id) is not None:
+    if read_done(storage, spec.run_id, launch.options) is not None:
         raise HarnessError(f"{storage}: run {spec.run_id} is already done there; perf train needs a fresh storage")
     t0 = time.perf_counter()
     results, _ = run_many([spec], launch, max_concurrent=1)
     wall = time.perf_counter() - t0
     require_runs_ok(results)
-    done = read_done(launch, spec.run_id)
+    done = read_done(storage, spec.run_id, launch.options)
     history = TrainingStore(storage, launch.options, spec.training().training_id).read_done()["history"]
     rows = [r for r in read_records(storage, launch.options, run_ids=[spec.run_id]).to_pylist() if r["epoch"] == 1]
     selection_split = open_dataset(spec.data).manifest.scheme(spec.split_scheme).selection_split

@@ -38,13 +38,23 @@ from platebench.datasets.storage import StorageOptions, filesystem, join, put_at
 
 from .. import __version__
 from ..errors import USER_ERRORS, HarnessError
-from .records import RECORDS_DIR, read_records, validate
-from .sources import RUNS_DIR, read_json, storage_root
+from .layout import (
+    BUNDLE_FILE,
+    DONE_FILE,
+    EPOCH_FILES,
+    RECORDS_DIR,
+    RUNS_DIR,
+    SPEC_FILE,
+    read_json,
+    read_run_file,
+    records_dir,
+    storage_root,
+)
+from .records import read_records, validate
 
-BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "platebench-bundle"
 BUNDLE_VERSION = 1
-RUN_FILES = ("spec.json", "done.json")
+RUN_FILES = (SPEC_FILE, DONE_FILE)  # the only run files a bundle holds
 
 
 def _version(dist: str) -> str | None:
@@ -96,7 +106,7 @@ def export_bundle(records_url: str, out: str, methods: Sequence[str] | None = No
     root = storage_root(records_url)
     records = read_records(root, options)
     if len(records) == 0:
-        raise HarnessError(f"no records under {records_url} (expected {RECORDS_DIR}/<run_id>/epoch-*.parquet)")
+        raise HarnessError(f"no records under {records_url} (expected {RECORDS_DIR}/<run_id>/{EPOCH_FILES})")
     validate(records)
     present_m = sorted(set(pc.unique(records.column("method")).to_pylist()))
     present_d = sorted(set(pc.unique(records.column("dataset")).to_pylist()))
@@ -127,25 +137,22 @@ def export_bundle(records_url: str, out: str, methods: Sequence[str] | None = No
     data_urls: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     codes: dict[str, dict] = {}
     for run_id in sorted(identity):
-        run_dir = join(base, RUNS_DIR, run_id)
-        done_bytes = with_retries(lambda d=run_dir: fs.cat_file(join(d, "done.json"))
-                                  if fs.exists(join(d, "done.json")) else None, f"reading {run_dir}")
+        done_bytes = read_run_file(root, run_id, DONE_FILE, options)
         if done_bytes is None:
             left_out.append({"run_id": run_id, "why": "no done marker (the run is not finished)"})
             continue
-        rec_files = sorted(with_retries(lambda r=run_id: fs.glob(join(base, RECORDS_DIR, r, "epoch-*.parquet")),
-                                        f"listing {root}/{RECORDS_DIR}/{run_id}"))
+        rec_files = sorted(with_retries(lambda r=run_id: fs.glob(join(records_dir(base, r), EPOCH_FILES)),
+                                        f"listing {records_dir(root, run_id)}"))
         own = {}
         for f in rec_files:
             own[f"{RECORDS_DIR}/{run_id}/{f.rsplit('/', 1)[1]}"] = with_retries(lambda f=f: fs.cat_file(f),
                                                                                  f"reading {f}")
-        spec_path = join(run_dir, "spec.json")
-        spec_bytes = with_retries(lambda p=spec_path: fs.cat_file(p) if fs.exists(p) else None, f"reading {spec_path}")
+        spec_bytes = read_run_file(root, run_id, SPEC_FILE, options)
         done = json.loads(done_bytes)
         spec = json.loads(spec_bytes) if spec_bytes is not None else done.get("spec", {})
-        own[f"{RUNS_DIR}/{run_id}/done.json"] = done_bytes
-        if spec_bytes is not None:
-            own[f"{RUNS_DIR}/{run_id}/spec.json"] = spec_bytes
+        for name, data in ((DONE_FILE, done_bytes), (SPEC_FILE, spec_bytes)):
+            if data is not None:
+                own[f"{RUNS_DIR}/{run_id}/{name}"] = data
         files.update(own)
         ident = identity[run_id]
         code = spec.get("code") or {}

@@ -1,5 +1,5 @@
 """One hyperparameter configuration per (dataset, split scheme, method, track), chosen from the selected
-results (harness/selection.py): the one a sweep named in best_configs.json, else the only one run, else the
+results (harness/results/selection.py): the one a sweep named in best_configs.json, else the only one run, else the
 best mean selected-validation accuracy over its seeds. Seeds of different configurations are never mixed.
 """
 
@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from ..errors import HarnessError
 from .best_configs import BestConfig
-from .records import MAIN
+from .vocabulary import is_main_overall
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ConfigChoice:
 def choose_configs(selected: pa.Table, best_configs: Mapping[str, BestConfig] | None = None
                    ) -> dict[tuple[str, str, str, str], ConfigChoice]:
     """One hparams config per (dataset, split_scheme, method, track). With `best_configs` (a parsed
-    best_configs.json, harness/best_configs.py) a listed method uses that config; otherwise the config with the
+    best_configs.json, harness/results/best_configs.py) a listed method uses that config; otherwise the config with the
     best mean selected-validation accuracy over its seeds wins (ties: more seeds, then the smaller JSON string)."""
     best = dict(best_configs or {})
     # val score of each run at its selected epoch
@@ -42,7 +42,7 @@ def choose_configs(selected: pa.Table, best_configs: Mapping[str, BestConfig] | 
     for r in selected.to_pylist():
         key = (r["dataset"], r["split_scheme"], r["method"], r["track"])
         configs[key].add(r["hparams"])
-        if (r["split_role"] == "val" and r["domain_kind"] == "all" and r["protocol"] == MAIN):
+        if r["split_role"] == "val" and is_main_overall(r, metric=None):  # selected rows: accuracies only
             val[key][r["hparams"]][r["seed"]] = r["value"]
     unused = set(best) - {k[2] for k in configs}
     if unused:

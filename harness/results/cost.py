@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 from ..errors import HarnessError
 from . import stats
+from .layout import DONE_FILE, RUNS_DIR, run_file
 
 TIMING_FIELDS = ("setup_s", "training_s", "evaluation_s", "train_images_rank0")
 RESOURCE_FIELDS = ("workers", "cpus_per_worker", "gpus_per_worker")
@@ -26,7 +27,8 @@ MEASURES = ("images_per_s", "wall_s", "core_hours", "gpu_hours")
 def _number(done: dict, section: str, name: str, run_id: str) -> float:
     value = done[section][name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise HarnessError(f"runs/{run_id}/done.json: field '{section}.{name}' must be a number >= 0, got {value!r}")
+        raise HarnessError(f"{run_file(RUNS_DIR, run_id, DONE_FILE)}: field '{section}.{name}' must be a number >= 0, "
+                           f"got {value!r}")
     return float(value)
 
 
@@ -61,7 +63,8 @@ def cost_tables(tables: list[dict], done: Mapping[str, Mapping]) -> tuple[list[d
     """One cost table per (dataset, scheme, track): the methods of its first test table (out-of-distribution
     splits come first), their accuracy there and their cost per run. Returns (tables, notes)."""
     if not done:
-        return [], ["no cost table: no done marker (runs/<run_id>/done.json) was read for these runs"]
+        return [], [f"no cost table: no done marker ({run_file(RUNS_DIR, '<run_id>', DONE_FILE)}) was read for these "
+                    "runs"]
     per_run = {rid: run_cost(rid, d) for rid, d in done.items()}
     shared_ids: dict[str, set[str]] = {}
     for d in done.values():

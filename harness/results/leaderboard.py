@@ -5,7 +5,7 @@ One table per (dataset, split scheme, split, track) for every test split and the
 Rows are methods at their selected epoch and chosen hparams config (selection.py); cells are mean ± std
 over seeds with n. Each row is compared with the baseline on the same seeds (stats.py).
 
-Decisions (documented in the README):
+Decisions (documented in docs/leaderboards.md):
 - Domain columns: the first of cell_type, batch, source with more than one value in the split's
   records (plates are too many to be columns); none when no kind has two values (Total only).
 - A tta table whose track lacks the baseline borrows it from the standard track (same dataset, scheme,
@@ -13,10 +13,10 @@ Decisions (documented in the README):
 - A row is complete only if its seed set equals the baseline's and every seed has every domain column
   and one main eval setting; incomplete rows keep their numbers but get no rank and no Holm decision.
 - Each row names the runs behind it (`run_ids`) and, when the records were merged from several bundles or
-  storage roots (harness/sources.py), the sources those runs came from (`sources`).
+  storage roots (harness/results/sources.py), the sources those runs came from (`sources`).
 - Across several (dataset, scheme, test split) blocks: an overall table per track of average ranks with a
-  Friedman test and Nemenyi critical difference (harness/ranks.py); next to accuracy, each method's cost per
-  run from the done markers (harness/cost.py).
+  Friedman test and Nemenyi critical difference (harness/results/ranks.py); next to accuracy, each method's cost per
+  run from the done markers (harness/results/cost.py).
 """
 
 from __future__ import annotations
@@ -31,109 +31,13 @@ import pyarrow.compute as pc
 from ..errors import HarnessError
 from . import cost, ranks, stats
 from .configs import choose_configs
-from .records import MAIN
 from .representation_tables import representation_tables
 from .selection import LEADERBOARD_RULES, selected_results
+from .tables import COLUMN_KINDS, domain_columns, rank_and_correct, seed_cells, sort_rows, source_labels, table_row
+from .vocabulary import ALL, BATCH_SIZE_SWEEP, CONTROLS_SWEEP, MAIN, is_main_overall
 
-COLUMN_KINDS = ("cell_type", "batch", "source")
-SWEEP_KNOBS = {"batch-size-sweep": "eval_batch_size", "controls-sweep": "n_controls"}
+SWEEP_KNOBS = {BATCH_SIZE_SWEEP: "eval_batch_size", CONTROLS_SWEEP: "n_controls"}
 ALPHA = 0.05
-
-
-def _cells(rows: list[dict], sources: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """(dataset, scheme, split, track, method) -> {"total": {seed: row}, (kind, domain): {seed: value}}."""
-    cells: dict = defaultdict(lambda: defaultdict(dict))
-    owner: dict = {}  # (cell key, seed) -> run_id: one run per seed, or the seed's numbers would be mixed
-    for r in rows:
-        key = (r["dataset"], r["split_scheme"], r["split"], r["track"], r["method"])
-        prev = owner.setdefault((key, r["seed"]), r["run_id"])
-        if prev != r["run_id"]:
-            where = ""
-            if sources:
-                where = (f" from {', '.join(sources.get(prev, ['?']))} and "
-                         f"{', '.join(sources.get(r['run_id'], ['?']))}")
-            raise HarnessError(f"{key[0]}/{key[1]} method '{key[4]}' ({key[3]}): two runs for seed {r['seed']} with "
-                               f"the same hparams (run ids {prev} and {r['run_id']}{where}); remove one")
-        col = "total" if r["domain_kind"] == "all" else (r["domain_kind"], r["domain"])
-        cells[key][col][r["seed"]] = r if col == "total" else r["value"]
-    return cells
-
-
-def domain_columns(rows: list[dict]) -> tuple[str | None, list[str]]:
-    """The per-domain column kind of one split and its values (rule in the module docstring)."""
-    for kind in COLUMN_KINDS:
-        values = sorted({r["domain"] for r in rows if r["domain_kind"] == kind})
-        if len(values) > 1:
-            return kind, values
-    return None, []
-
-
-def _row(method: str, track: str, cell: Mapping, kind: str | None, domains: list[str],
-         base_total: Mapping[int, float] | None, is_baseline: bool,
-         sources: Mapping[str, Sequence[str]] | None = None) -> dict:
-    total_rows = cell.get("total", {})
-    per_seed = {s: r["value"] for s, r in sorted(total_rows.items())}
-    summ = stats.summarize(list(per_seed.values()))
-    reasons = []
-    if base_total is not None and set(per_seed) != set(base_total):
-        if missing := sorted(set(base_total) - set(per_seed)):
-            reasons.append(f"missing seed(s) {missing} that the baseline has")
-        if extra := sorted(set(per_seed) - set(base_total)):
-            reasons.append(f"seed(s) {extra} the baseline lacks")
-    doms = {}
-    for d in domains:
-        vals = cell.get((kind, d), {})
-        if lacking := sorted(set(per_seed) - set(vals)):
-            reasons.append(f"domain '{d}' missing for seed(s) {lacking}")
-        ds = stats.summarize([vals[s] for s in sorted(vals)])
-        doms[d] = {"mean": ds.mean, "std": ds.std, "n": ds.n, "per_seed": {str(s): vals[s] for s in sorted(vals)}}
-    settings = sorted({(r["eval_batch_size"], r["n_controls"]) for r in total_rows.values()})
-    if len(settings) > 1:
-        reasons.append(f"seeds evaluated with different (eval_batch_size, n_controls) {settings}")
-    row = {
-        "method": method, "track": track,
-        "per_seed": {str(s): v for s, v in per_seed.items()},
-        "mean": summ.mean, "std": summ.std, "n": summ.n,
-        "epochs": {str(s): r["epoch"] for s, r in sorted(total_rows.items())},
-        "eval_batch_size": [s[0] for s in settings], "n_controls": [s[1] for s in settings],
-        "images": sorted({r["n"] for r in total_rows.values()}),
-        "domains": doms,
-        "n_paired": None, "diff_mean": None, "p_paired_t": None, "p_wilcoxon": None, "diff_ci95": None,
-        "p_holm": None, "significant_holm": None,
-        "complete": not reasons, "incomplete_reasons": reasons, "rank": None,
-        "run_ids": sorted({r["run_id"] for r in total_rows.values()}),
-        "sources": _row_sources(total_rows.values(), sources),
-    }
-    if base_total is not None and not is_baseline:
-        cmp = stats.compare_paired(per_seed, base_total)
-        row.update(n_paired=cmp.n_paired, diff_mean=cmp.diff_mean, p_paired_t=cmp.p_paired_t,
-                   p_wilcoxon=cmp.p_wilcoxon, diff_ci95=list(cmp.diff_ci95) if cmp.diff_ci95 else None)
-    return row
-
-
-def source_labels(sources: Mapping[str, Sequence[str]] | None) -> list[str]:
-    """Every source label, in the order the sources were given (the run mapping is built in that order)."""
-    return list(dict.fromkeys(s for v in (sources or {}).values() for s in v))
-
-
-def _row_sources(total_rows, sources: Mapping[str, Sequence[str]] | None) -> list[str]:
-    order = {s: i for i, s in enumerate(source_labels(sources))}
-    return sorted({s for r in total_rows for s in (sources or {}).get(r["run_id"], [])}, key=order.__getitem__)
-
-
-def _rank_and_correct(rows: list[dict], alpha: float) -> None:
-    """Competition ranking (1, 2, 2, 4) of complete rows by mean Total; Holm over their t-tests."""
-    ranked = [r for r in rows if r["complete"] and not r.get("reference") and r["mean"] is not None]
-    ranked.sort(key=lambda r: -r["mean"])
-    for i, r in enumerate(ranked):
-        r["rank"] = ranked[i - 1]["rank"] if i and r["mean"] == ranked[i - 1]["mean"] else i + 1
-    tested = [r for r in rows if r["complete"] and not r.get("is_baseline") and not r.get("reference")]
-    for r, (p_adj, sig) in zip(tested, stats.holm([r["p_paired_t"] for r in tested], alpha)):
-        r["p_holm"], r["significant_holm"] = p_adj, sig
-
-
-def _sort_rows(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda r: (not r.get("reference"), r["rank"] is None, r["rank"] or 0, r["method"]))
 
 
 def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val",
@@ -141,7 +45,7 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                       sources: Mapping[str, Sequence[str]] | None = None,
                       done: Mapping[str, Mapping] | None = None) -> dict:
     """The whole leaderboard as a JSON-ready dict: {"tables": [...], "sweeps": [...], "overall": [...],
-    "cost": [...], "settings": {...}}. `sources`: run_id -> the bundles/roots it came from (harness/sources.py);
+    "cost": [...], "settings": {...}}. `sources`: run_id -> the bundles/roots it came from (harness/results/sources.py);
     `done`: run_id -> its done marker (for the cost tables)."""
     if len(records) == 0:
         raise HarnessError("no records to build a leaderboard from")
@@ -159,7 +63,7 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
         raise HarnessError(f"baseline '{baseline}' has no records (methods present: {', '.join(methods)}); "
                            "choose one with --baseline")
     main = [r for r in rows if r["protocol"] == MAIN]
-    cells = _cells(main, sources)
+    cells = seed_cells(main, sources)
     by_split: dict = defaultdict(list)
     for r in main:
         by_split[(r["dataset"], r["split_scheme"], r["split"])].append(r)
@@ -193,18 +97,18 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
             base_total = {s: r["value"] for s, r in base_cell["total"].items()}
             out_rows = []
             if base_track != track:
-                ref = _row(baseline, base_track, base_cell, kind, domains, base_total, True, sources)
+                ref = table_row(baseline, base_track, base_cell, kind, domains, base_total, True, sources)
                 out_rows.append({**ref, "reference": True})
             for m in methods:
-                out_rows.append(_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
-                                     m == baseline, sources))
+                out_rows.append(table_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
+                                          m == baseline, sources))
             for r in out_rows:
                 r.setdefault("reference", False)
                 r["is_baseline"] = r["method"] == baseline and r["track"] == base_track
                 ch = choices[(ds, sc, r["method"], r["track"])]
                 r["hparams"], r["hparams_choice"], r["trials"] = json.loads(ch.hparams), ch.to_dict(), ch.trials
                 del r["hparams_choice"]["hparams"]
-            _rank_and_correct(out_rows, alpha)
+            rank_and_correct(out_rows, alpha)
             tables.append({
                 "dataset": ds, "split_scheme": sc, "split": split, "split_role": role, "track": track,
                 "baseline": baseline, "baseline_track": base_track,
@@ -212,7 +116,7 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                 "dataset_checksum": next(iter(checksums[(ds, sc)])),
                 "code": sorted({r["code"] for r in split_rows}),
                 "seeds": sorted(base_total), "domain_kind": kind, "domains": domains,
-                "rows": _sort_rows(out_rows),
+                "rows": sort_rows(out_rows),
             })
     representation = representation_tables(records, selected, choices, baseline, alpha, sources) \
         if rule == "val" else []
@@ -249,12 +153,12 @@ def build_sweeps(rows: list[dict]) -> list[dict]:
     (`"main": true`): same model, same split, same epoch."""
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in rows:
-        if r["protocol"] in SWEEP_KNOBS and r["domain_kind"] == "all":
+        if r["protocol"] in SWEEP_KNOBS and r["domain_kind"] == ALL:
             key = (r["dataset"], r["split_scheme"], r["split"], r["track"], r["protocol"])
             acc[key][r["method"]][r[SWEEP_KNOBS[r["protocol"]]]][r["seed"]] = r["value"]
     main = defaultdict(list)
     for r in rows:
-        if r["protocol"] == MAIN and r["domain_kind"] == "all":
+        if is_main_overall(r, metric=None):  # selected rows: accuracies only
             main[(r["dataset"], r["split_scheme"], r["split"], r["track"], r["method"])].append(r)
     out = []
     for (ds, sc, split, track, proto), methods in sorted(acc.items()):

@@ -1,4 +1,5 @@
-"""Run records: one Parquet file per evaluation under `<storage>/records/<run_id>/epoch-NNNNN.parquet`.
+"""Run records: one Parquet file per evaluation under `<storage>/records/<run_id>/epoch-NNNNN.parquet`
+(harness/results/layout.py).
 
 Each row is one number: (run, epoch, split, domain kind, domain, track, eval batch size, controls,
 metric) -> value. Writing the same (run, epoch) again replaces that file atomically, so a resumed run
@@ -14,10 +15,11 @@ from collections.abc import Iterable, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from platebench.datasets.manifest import DOMAIN_KINDS as MANIFEST_DOMAIN_KINDS
 from platebench.datasets.storage import StorageOptions, filesystem, join, put_atomic, with_retries
 
 from ..errors import HarnessError
+from .layout import EPOCH_FILES, epoch_records_file, records_dir, storage_root
+from .vocabulary import ACCURACY, DOMAIN_KINDS, METRICS, PROTOCOLS, ROLES, TRACKS, is_main_overall
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -36,32 +38,21 @@ RECORD_SCHEMA = pa.schema(
         ("domain", pa.string()),  # the domain value; "all" when domain_kind == "all"
         ("eval_batch_size", pa.int64()),  # 0 = the whole plate in one batch
         ("n_controls", pa.int64()),  # control rows appended to each evaluation batch
-        ("protocol", pa.string()),  # "main" (the leaderboard's numbers) | "batch-size-sweep" | "controls-sweep"
-        ("metric", pa.string()),  # "accuracy" | "loss"
+        ("protocol", pa.string()),  # "main" (the leaderboard's numbers) | the sweeps' | "representation"
+        ("metric", pa.string()),  # "accuracy" | "loss" | the representation metrics (vocabulary.py)
         ("value", pa.float64()),
         ("n", pa.int64()),  # images behind the value
         ("code", pa.string()),  # harness version + source hash of the code that made the number
     ]
 )
-RECORDS_DIR = "records"
-
-# The record vocabulary: every value a field may take (validate() refuses others).
-MAIN = "main"  # the leaderboard's protocol; the TTA sweeps add their own
-REPRESENTATION = "representation"  # the representation analysis (harness/representation.py)
-PROTOCOLS = (MAIN, "batch-size-sweep", "controls-sweep", REPRESENTATION)
-TRACKS = ("standard", "tta")
-ROLES = ("train", "val", "test")
-DOMAIN_KINDS = ("all", *MANIFEST_DOMAIN_KINDS)
-METRICS = ("accuracy", "loss", "map_activity", "frac_retrieved", "map_consistency", "silhouette_batch", "ilisi",
-           "bn_shift_kl", "bn_shift_mmd")
 RUN_FIELDS = ("dataset", "dataset_checksum", "split_scheme", "method", "seed", "hparams", "code")
 
 
 def overall(rows: Iterable[Mapping], *, split: str | None = None, role: str | None = None,
-            metric: str = "accuracy") -> dict[int, float]:
+            metric: str = ACCURACY) -> dict[int, float]:
     """{epoch: value} of the main protocol's overall (domain "all") `metric` on one split, chosen by name or by
     role: the one accessor for "the validation accuracy of an epoch" and its kin."""
-    picked = [r for r in rows if r["metric"] == metric and r["protocol"] == MAIN and r["domain_kind"] == "all"
+    picked = [r for r in rows if is_main_overall(r, metric)
               and (role is None or r["split_role"] == role) and (split is None or r["split"] == split)]
     if len({r["split"] for r in picked}) > 1:
         raise HarnessError(f"run {picked[0]['run_id']}: several {role} splits {sorted({r['split'] for r in picked})}; "
@@ -75,14 +66,14 @@ def overall(rows: Iterable[Mapping], *, split: str | None = None, role: str | No
     return curve
 
 
-def main_value(rows: Iterable[Mapping], split: str, metric: str = "accuracy") -> float | None:
+def main_value(rows: Iterable[Mapping], split: str, metric: str = ACCURACY) -> float | None:
     """The overall main-protocol `metric` on `split` in the rows of one evaluation (None when absent)."""
     values = list(overall(rows, split=split, metric=metric).values())
     return values[0] if values else None
 
 
 def validate(records: pa.Table) -> None:
-    """Refuse records the tables would misread: unknown vocabulary, bad epochs, and run ids whose
+    """Refuse records the tables would misread: unknown vocabulary (vocabulary.py), bad epochs, and run ids whose
     identity (dataset, checksum, scheme, method, seed, hparams, version) is not constant."""
     checks = [("track", TRACKS), ("split_role", ROLES), ("domain_kind", DOMAIN_KINDS),
               ("protocol", PROTOCOLS), ("metric", METRICS)]
@@ -122,8 +113,6 @@ def validate(records: pa.Table) -> None:
             raise HarnessError(f"records: run {r['run_id']}: field 'hparams' is not JSON: {r['hparams']!r}") from None
 
 
-
-
 def records_table(rows: Iterable[Mapping]) -> pa.Table:
     rows = list(rows)
     try:
@@ -143,13 +132,12 @@ def write_epoch_records(storage: str, run_id: str, epoch: int, rows: Iterable[Ma
     if bad:
         raise HarnessError(f"records for run {run_id} epoch {epoch} contain rows of another run/epoch: {bad}")
     fs, root = filesystem(storage, options)
-    suffix = "" if kind == "main" else f".{kind}"
-    path = join(root, RECORDS_DIR, run_id, f"epoch-{epoch:05d}{suffix}.parquet")
+    path = epoch_records_file(root, run_id, epoch, kind)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
 
     def write():
-        fs.makedirs(join(root, RECORDS_DIR, run_id), exist_ok=True)
+        fs.makedirs(records_dir(root, run_id), exist_ok=True)
         put_atomic(fs, path, buf.getvalue())
 
     with_retries(write, f"writing records to {storage}")
@@ -159,12 +147,12 @@ def write_epoch_records(storage: str, run_id: str, epoch: int, rows: Iterable[Ma
 def read_records(url: str, options: StorageOptions | None = None, run_ids: Iterable[str] | None = None) -> pa.Table:
     """All records under `url` (a storage root holding records/, or a records/ folder itself)."""
     fs, root = filesystem(url, options)
-    base = root if root.rstrip("/").endswith(RECORDS_DIR) else join(root, RECORDS_DIR)
+    base = records_dir(storage_root(root))
     if run_ids is None:
-        files = with_retries(lambda: sorted(fs.glob(join(base, "*", "epoch-*.parquet"))),
+        files = with_retries(lambda: sorted(fs.glob(join(base, "*", EPOCH_FILES))),
                              f"listing records under {url}")
     else:
-        files = with_retries(lambda: sorted(f for r in run_ids for f in fs.glob(join(base, r, "epoch-*.parquet"))),
+        files = with_retries(lambda: sorted(f for r in run_ids for f in fs.glob(join(base, r, EPOCH_FILES))),
                              f"listing records under {url}")
     tables = []
     for f in files:

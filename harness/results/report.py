@@ -262,9 +262,9 @@ def to_markdown(board: dict) -> str:
         lines += [""]
     if board.get("representation"):
         lines += ["## Representation: batch mixing, biological signal, BatchNorm-statistics shift", "",
-                  "At each run's best validation epoch, on well-level profiles of the test splits (README, "
-                  "\"Representation metrics\"); mean ± std over seeds (n), compared with the baseline on the same "
-                  "seeds.", ""]
+                  "At each run's best validation epoch, on well-level profiles of the test splits "
+                  "(docs/leaderboards.md, \"Representation metrics\"); mean ± std over seeds (n), compared with the "
+                  "baseline on the same seeds.", ""]
         for t in board["representation"]:
             lines += [f"### {representation_title(t)}", "", *md_table(*representation_matrix(t)), ""]
     for o in board.get("overall", []):

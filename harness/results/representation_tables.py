@@ -1,4 +1,4 @@
-"""Leaderboard sections for the representation metrics (harness/representation.py): one table per (dataset,
+"""Leaderboard sections for the representation metrics (harness/analysis/representation.py): one table per (dataset,
 scheme, test split, track, metric), rows = methods at their selected epoch and chosen configuration, cells =
 mean ± std over seeds (per batch where the metric has batch rows, e.g. the BN-statistics shift), compared with
 the baseline on the same seeds exactly as the accuracy tables are (paired t-test and its interval, Holm).
@@ -17,17 +17,12 @@ from collections.abc import Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .records import REPRESENTATION
-
-# Which way is better, per metric (tables rank by it).
-HIGHER_IS_BETTER = {"map_activity": True, "frac_retrieved": True, "map_consistency": True,
-                    "silhouette_batch": True, "ilisi": True, "bn_shift_kl": False, "bn_shift_mmd": False}
+from .tables import domain_columns, rank_and_correct, seed_cells, sort_rows, table_row
+from .vocabulary import HIGHER_IS_BETTER, REPRESENTATION
 
 
 def representation_tables(records: pa.Table, selected: pa.Table, choices: Mapping, baseline: str, alpha: float,
                           sources: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
-    from .leaderboard import _cells, _rank_and_correct, _row, _sort_rows, domain_columns
-
     epochs = {(r["run_id"], r["track"]): r["epoch"] for r in selected.select(["run_id", "track", "epoch"]).to_pylist()}
     rep = records.filter(pc.equal(records.column("protocol"), REPRESENTATION)).to_pylist()
     rows = [r for r in rep if epochs.get((r["run_id"], r["track"])) == r["epoch"]
@@ -41,20 +36,20 @@ def representation_tables(records: pa.Table, selected: pa.Table, choices: Mappin
             base_tracks[(r["dataset"], r["split_scheme"], r["split"], r["metric"])].add(r["track"])
     tables = []
     for (ds, sc, split, track, metric), grows in sorted(groups.items()):
-        cells = _cells(grows, sources)
+        cells = seed_cells(grows, sources)
         kind, domains = domain_columns(grows)
         b_tracks = base_tracks.get((ds, sc, split, metric), set())
         base_track = track if track in b_tracks else ("standard" if "standard" in b_tracks else None)
         base_rows = groups.get((ds, sc, split, base_track, metric), []) if base_track else []
-        base_cell = _cells(base_rows, sources).get((ds, sc, split, base_track, baseline)) if base_rows else None
+        base_cell = seed_cells(base_rows, sources).get((ds, sc, split, base_track, baseline)) if base_rows else None
         base_total = {s: r["value"] for s, r in base_cell["total"].items()} if base_cell else None
         out_rows = []
         if base_cell is not None and base_track != track:
-            out_rows.append({**_row(baseline, base_track, base_cell, kind, domains, base_total, True, sources),
-                             "reference": True})
+            out_rows.append({**table_row(baseline, base_track, base_cell, kind, domains, base_total, True,
+                                         sources), "reference": True})
         for m in sorted({r["method"] for r in grows}):
-            out_rows.append(_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
-                                 m == baseline and base_track == track, sources))
+            out_rows.append(table_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
+                                      m == baseline and base_track == track, sources))
         for r in out_rows:
             r.setdefault("reference", False)
             r["is_baseline"] = r["method"] == baseline and r["track"] == base_track
@@ -62,11 +57,11 @@ def representation_tables(records: pa.Table, selected: pa.Table, choices: Mappin
         sign = 1 if HIGHER_IS_BETTER.get(metric, True) else -1
         for r in out_rows:  # rank on the oriented mean, then restore it
             r["_mean"], r["mean"] = r["mean"], None if r["mean"] is None else sign * r["mean"]
-        _rank_and_correct(out_rows, alpha)
+        rank_and_correct(out_rows, alpha)
         for r in out_rows:
             r["mean"] = r.pop("_mean")
         tables.append({"dataset": ds, "split_scheme": sc, "split": split, "track": track, "metric": metric,
                        "higher_is_better": HIGHER_IS_BETTER.get(metric, True), "baseline": baseline,
                        "baseline_track": base_track, "domain_kind": kind, "domains": domains,
-                       "seeds": sorted(base_total or {}), "rows": _sort_rows(out_rows)})
+                       "seeds": sorted(base_total or {}), "rows": sort_rows(out_rows)})
     return tables

@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import HarnessError
-from .records import MAIN, overall, validate
+from .records import overall, validate
+from .vocabulary import ACCURACY, LOSS, MAIN
 
 RULES = ("val", "val-loss", "last-epoch", "oracle")
 LEADERBOARD_RULES = ("val", "val-loss", "last-epoch")
@@ -74,7 +75,7 @@ def select_epoch(run_records: pa.Table | Iterable[Mapping], rule: str = "val", *
         epoch = _best(curve)
         return Selection(epoch, rule, split, curve[epoch])
     if rule == "val-loss":
-        curve = overall(rows, role="val", metric="loss")
+        curve = overall(rows, role="val", metric=LOSS)
         if not curve:
             raise HarnessError(f"run {run}: no validation loss (split_role 'val', domain_kind 'all', protocol "
                                "'main'); use --selection last-epoch or record the validation split")
@@ -133,13 +134,13 @@ def selected_results(records: pa.Table, rule: str = "val", protocols: Iterable[s
     validate(records)
     # Only val/test accuracies (and the validation loss "val-loss" selects on) matter from here on; filtering in
     # Arrow first keeps big record sets cheap.
-    val_loss = pc.and_(pc.equal(records.column("metric"), "loss"), pc.equal(records.column("split_role"), "val"))
-    keep = pc.and_(pc.or_(pc.equal(records.column("metric"), "accuracy"), val_loss),
+    val_loss = pc.and_(pc.equal(records.column("metric"), LOSS), pc.equal(records.column("split_role"), "val"))
+    keep = pc.and_(pc.or_(pc.equal(records.column("metric"), ACCURACY), val_loss),
                    pc.is_in(records.column("split_role"), pa.array(["val", "test"])))
     records = records.filter(keep)
     out: list[dict] = []
     for rows in group_runs(records).values():
-        wanted = [r for r in rows if r["protocol"] in protocols and r["metric"] == "accuracy"]
+        wanted = [r for r in rows if r["protocol"] in protocols and r["metric"] == ACCURACY]
         if rule == "oracle":
             for split in sorted({r["split"] for r in wanted}):
                 sel = select_epoch(rows, "oracle", oracle_split=split)

@@ -1,4 +1,4 @@
-"""Result sources: storage roots and exported bundles (harness/bundle.py) read as one set of runs.
+"""Result sources: storage roots and exported bundles (harness/results/bundle.py) read as one set of runs.
 
 A run is identified by content: its id is a hash of (dataset checksum, scheme, method, hparams, backbone,
 seed, protocol, code), so the same id in two sources is the same run. Merging therefore
@@ -11,56 +11,20 @@ seed, protocol, code), so the same id in two sources is the same run. Merging th
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from platebench.datasets.storage import StorageOptions, filesystem, join, with_retries
+from platebench.datasets.storage import StorageOptions, join
 
 from ..errors import HarnessError
-from .records import RECORD_SCHEMA, RECORDS_DIR, read_records
+from .layout import BUNDLE_FILE, EPOCH_FILES, RECORDS_DIR, read_done_markers, read_json, storage_root
+from .records import RECORD_SCHEMA, read_records
 
-RUNS_DIR = "runs"
 # The columns that say which number a record row is (everything but the number itself).
 ROW_KEY = [n for n in RECORD_SCHEMA.names if n not in ("value", "n")]
-
-
-def storage_root(url: str) -> str:
-    """The storage root of `url`, which may name the root or its records/ folder."""
-    root = url.rstrip("/")
-    if root.endswith("/" + RECORDS_DIR) or root == RECORDS_DIR:
-        root = root[: -len(RECORDS_DIR)].rstrip("/") or "."
-    return root
-
-
-def read_json(url: str, options: StorageOptions | None = None, required: bool = True):
-    """A JSON file (None when absent and not required); bad JSON is one line naming the file."""
-    fs, path = filesystem(url, options)
-    data = with_retries(lambda: fs.cat_file(path) if required or fs.exists(path) else None, f"reading {url}")
-    if data is None:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise HarnessError(f"{url}: not valid JSON ({exc})") from None
-
-
-def read_done_markers(root: str, run_ids: Sequence[str], options: StorageOptions | None = None) -> dict[str, dict]:
-    """{run_id: done.json} of the runs under root/runs/ that have one."""
-    fs, base = filesystem(root, options)
-    found = with_retries(lambda: fs.glob(join(base, RUNS_DIR, "*", "done.json")), f"listing {root}/{RUNS_DIR}")
-    wanted = set(run_ids)
-    out = {}
-    for path in sorted(found):
-        run_id = path.rstrip("/").split("/")[-2]
-        if run_id in wanted:
-            out[run_id] = read_json(join(root, RUNS_DIR, run_id, "done.json"), options)
-            if not isinstance(out[run_id], dict):
-                raise HarnessError(f"{join(root, RUNS_DIR, run_id, 'done.json')}: expected a JSON object")
-    return out
 
 
 @dataclass
@@ -68,18 +32,16 @@ class Source:
     label: str  # as the user named it: how tables cite it
     root: str
     records: pa.Table
-    done: dict[str, dict]  # run_id -> done.json
-    bundle: dict | None = None  # bundle.json when the source is a bundle
+    done: dict[str, dict]  # run_id -> its done marker
+    bundle: dict | None = None  # the bundle's BUNDLE_FILE when the source is a bundle
 
 
 def read_source(url: str, options: StorageOptions | None = None) -> Source:
     root = storage_root(url)
     records = read_records(root, options)
     if len(records) == 0:
-        raise HarnessError(f"no records under {url} (expected {RECORDS_DIR}/<run_id>/epoch-*.parquet)")
+        raise HarnessError(f"no records under {url} (expected {RECORDS_DIR}/<run_id>/{EPOCH_FILES})")
     run_ids = pc.unique(records.column("run_id")).to_pylist()
-    from .bundle import BUNDLE_FILE
-
     bundle = read_json(join(root, BUNDLE_FILE), options, required=False)
     return Source(url, root, records, read_done_markers(root, run_ids, options), bundle)
 

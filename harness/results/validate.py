@@ -7,7 +7,7 @@
   at every epoch a selection rule can choose); the epoch the run claims to have selected equal to the one
   recomputed from its records (from the validation split only); no two run ids with one identity; every run of
   a (dataset, scheme, method, hparams) group evaluated on the same splits and domains as the others;
-- a bundle (a records folder with bundle.json, harness/bundle.py): all of the above, plus bundle.json readable;
+- a bundle (a records folder with bundle.json, harness/results/bundle.py): all of the above, plus bundle.json readable;
   only bundle files (records, run specs, done markers: never weights, checkpoints or pickles), each with the
   sha256 bundle.json lists; the runs bundle.json lists equal to those present; every run's dataset checksum
   listed among the bundle's datasets; every run evaluated on every split of its scheme (when the bundle has
@@ -28,13 +28,14 @@ from pathlib import Path
 from platebench.datasets.storage import StorageOptions, filesystem, join, with_retries
 
 from ..errors import USER_ERRORS, HarnessError
+from .bundle import RUN_FILES, is_bundle, read_bundle
+from .layout import BUNDLE_FILE, DONE_FILE, RECORDS_DIR, RUNS_DIR, read_done, run_file, storage_root
+from .vocabulary import ACCURACY, MAIN
 
 
 def kind_of(path: str) -> str:
     p = Path(path)
     if p.is_dir() or "://" in path:
-        from .bundle import is_bundle
-
         return "bundle" if is_bundle(path) else "records"
     if p.suffix == ".json":
         return "best-configs"
@@ -96,7 +97,6 @@ def _check_records(url: str, options: StorageOptions | None) -> tuple[list[str],
     rows_by_run: dict[str, list[dict]] = defaultdict(list)
     for r in records.to_pylist():
         rows_by_run[r["run_id"]].append(r)
-    fs, root = filesystem(url, options)
     identities: dict[tuple, str] = {}
     for run_id, rows in sorted(rows_by_run.items()):
         first = rows[0]
@@ -106,12 +106,11 @@ def _check_records(url: str, options: StorageOptions | None) -> tuple[list[str],
             problems.append(f"run {run_id}: same dataset, scheme, method, hparams, seed and code as run "
                             f"{identities[identity]} (a duplicate)")
         identities.setdefault(identity, run_id)
-        path = join(root, "runs", run_id, "done.json")
-        done = with_retries(lambda path=path: fs.cat_file(path) if fs.exists(path) else None, f"reading {path}")
+        done = read_done(storage_root(url), run_id, options)
         if done is None:
-            problems.append(f"run {run_id}: no done marker (runs/{run_id}/done.json): the run is incomplete")
+            problems.append(f"run {run_id}: no done marker ({run_file(RUNS_DIR, run_id, DONE_FILE)}): the run is "
+                            "incomplete")
             continue
-        done = json.loads(done)
         val = overall(rows, role="val")
         if not val:
             problems.append(f"run {run_id}: field 'split_role': no validation records")
@@ -126,14 +125,14 @@ def _check_records(url: str, options: StorageOptions | None) -> tuple[list[str],
                 chosen.add(select_epoch(rows, rule).epoch)
             except HarnessError:
                 continue
-        tested = {r["epoch"] for r in rows if r["split_role"] == "test" and r["protocol"] == "main"}
+        tested = {r["epoch"] for r in rows if r["split_role"] == "test" and r["protocol"] == MAIN}
         if chosen - tested:
             problems.append(f"run {run_id}: field 'split': no test-split records at selectable epoch(s) "
                             f"{sorted(chosen - tested)}")
         claimed = done.get("selected_epoch")
         recomputed = select_epoch(rows, "val").epoch
         if claimed is not None and claimed != recomputed:
-            problems.append(f"run {run_id}: field 'selected_epoch': done.json claims epoch {claimed}, the "
+            problems.append(f"run {run_id}: field 'selected_epoch': {DONE_FILE} claims epoch {claimed}, the "
                             f"validation records select epoch {recomputed}")
     return problems, {"runs": len(rows_by_run), "records": len(records)}, rows_by_run
 
@@ -142,7 +141,7 @@ def _evaluated(rows: list[dict]) -> dict[str, dict[int, set[tuple[str, str]]]]:
     """split -> epoch -> {(domain_kind, domain)} of a run's main-protocol accuracies."""
     out: dict[str, dict[int, set[tuple[str, str]]]] = defaultdict(lambda: defaultdict(set))
     for r in rows:
-        if r["protocol"] == "main" and r["metric"] == "accuracy":
+        if r["protocol"] == MAIN and r["metric"] == ACCURACY:
             out[r["split"]][r["epoch"]].add((r["domain_kind"], r["domain"]))
     return out
 
@@ -237,17 +236,15 @@ def _manifest_problems(rows_by_run: dict[str, list[dict]], manifests: Sequence[s
     return problems
 
 
-# The only files a bundle holds (harness/bundle.py): anything else, weights and pickles above all, is refused.
-BUNDLE_PATHS = re.compile(r"^(bundle\.json|records/[^/]+/epoch-\d+(\.[a-z]+)?\.parquet|runs/[^/]+/(spec|done)\.json)$")
+# The only files a bundle holds (harness/results/bundle.py): anything else, weights and pickles above all, is refused.
+BUNDLE_PATHS = re.compile(rf"^({re.escape(BUNDLE_FILE)}|{RECORDS_DIR}/[^/]+/epoch-\d+(\.[a-z]+)?\.parquet"
+                          rf"|{RUNS_DIR}/[^/]+/({'|'.join(map(re.escape, RUN_FILES))}))$")
 PICKLE_OR_ZIP = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; zip (torch.save's format)
 
 
 def validate_bundle(url: str, options: StorageOptions | None = None,
                     manifests: Sequence[str] = ()) -> tuple[list[str], dict]:
     """(problems, summary) of a bundle: everything validate_records checks, plus the bundle's own promises."""
-    from .bundle import read_bundle
-    from .sources import storage_root
-
     try:
         bundle = read_bundle(url, options)
     except USER_ERRORS as exc:
@@ -265,7 +262,7 @@ def validate_bundle(url: str, options: StorageOptions | None = None,
             problems.append(f"file {rel}{what}: not part of a bundle (bundles hold records, run specs and done markers "
                             "only: no weights, checkpoints or pickles)")
             continue
-        if rel == "bundle.json":
+        if rel == BUNDLE_FILE:
             continue
         want = bundle["files"].get(rel)
         if want is None:

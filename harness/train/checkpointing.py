@@ -1,4 +1,4 @@
-"""A training's checkpoints in storage: `<storage>/trainings/<training_id>/`.
+"""A training's checkpoints in storage: `<storage>/trainings/<training_id>/` (harness/results/layout.py).
 
 - `weights/epoch-NNNNN.pt`: the model's weights after every epoch. Every protocol that shares the training is
   evaluated from them (its test splits at the epochs a selection rule can choose, its TTA sweeps), and a
@@ -24,8 +24,7 @@ import torch
 from platebench.datasets.storage import StorageOptions, filesystem, join, put_atomic, with_retries
 
 from ..errors import HarnessError
-
-TRAININGS_DIR = "trainings"
+from ..results.layout import DONE_FILE, training_dir
 
 
 @dataclass
@@ -42,8 +41,8 @@ class TrainingStore:
     def __init__(self, storage: str, options: StorageOptions | None, training_id: str):
         self.storage, self.options, self.training_id = storage, options, training_id
         self.fs, root = filesystem(storage, options)
-        self.root = join(root, TRAININGS_DIR, training_id)
-        self.url = join(storage, TRAININGS_DIR, training_id)
+        self.root = training_dir(root, training_id)
+        self.url = training_dir(storage, training_id)
 
     # -- plain files ----------------------------------------------------------------------------
     def _write(self, name: str, data: bytes) -> None:
@@ -110,7 +109,7 @@ class TrainingStore:
 
     # -- completion -----------------------------------------------------------------------------
     def read_done(self) -> dict | None:
-        return self.read_json("done.json")
+        return self.read_json(DONE_FILE)
 
     def write_done(self, payload: dict) -> None:
-        self.write_json("done.json", payload)
+        self.write_json(DONE_FILE, payload)

@@ -20,7 +20,10 @@ from .tracking import git_commit
 
 # The harness modules every training and evaluation runs through (stream → batches → steps → evaluation).
 TRAINING_PATH = (
-    "platebench.harness.train.loop", "platebench.harness.train.evaluate", "platebench.harness.data.stream",
+    "platebench.harness.train.lane_worker", "platebench.harness.train.lane", "platebench.harness.train.job",
+    "platebench.harness.train.job_state", "platebench.harness.train.epochs",
+    "platebench.harness.train.selectable_epochs", "platebench.harness.train.run_done",
+    "platebench.harness.train.evaluate", "platebench.harness.data.stream",
     "platebench.harness.data.rebatch", "platebench.harness.data.batching", "platebench.harness.data.augment",
     "platebench.harness.train.schedule", "platebench.harness.data.source", "platebench.datasets.shards",
 )

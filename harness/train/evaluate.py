@@ -4,7 +4,7 @@
 plate-pure test batches of their own batch size (plus controls when they use them) and are also
 measured across test batch sizes and numbers of controls (the sweeps, run once on the selected model).
 The validation splits are evaluated after every epoch, the test splits only at the epochs a selection
-rule can choose (harness/train_loop.py). Each rank evaluates its own plates; per-plate counts are
+rule can choose (the training loop, harness/train/). Each rank evaluates its own plates; per-plate counts are
 gathered so every rank holds the same result.
 """
 
@@ -42,32 +42,35 @@ class Evaluator:
         self.val_splits = [s for s in self.splits if self.scheme.role(s) == "val"]
         self.test_splits = [s for s in self.splits if self.scheme.role(s) == "test"]
         self.track = type(method).track
-        req = method.data_request()
-        if self.track == "tta":
-            main = req.batch_size if req.eval_batch_size is None else req.eval_batch_size
-            self.main_batch, self.main_controls = main, req.eval_n_controls
+        if self.track == "tta":  # the main protocol: tta methods' own test batches, else the run's fixed size
+            main = method.data_request().evaluation_shape()
+            self.main_batch, self.main_controls = main.batch_size, main.n_controls
         else:
             self.main_batch, self.main_controls = spec.eval.standard_batch_size, 0
         self._streams: dict[tuple, PlateStream] = {}
 
-    def _stream(self, split: str, batch_size: int, n_controls: int) -> PlateStream:
+    def stream(self, split: str, batch_size: int | None = None, n_controls: int | None = None) -> PlateStream:
+        """This rank's evaluation stream of `split` (any split of the scheme, "train" included) with batches of
+        `batch_size` rows and `n_controls` controls (None: the main protocol's); built once, then kept."""
+        batch_size = self.main_batch if batch_size is None else batch_size
+        n_controls = self.main_controls if n_controls is None else n_controls
         key = (split, batch_size, n_controls)
         if key not in self._streams:
-            cfg = StreamConfig(scheme=self.spec.split_scheme, split=split, batch_size=batch_size, train=False,
-                               n_controls=n_controls, seed=self.spec.seed, channel_stats=self.channel_stats)
+            cfg = StreamConfig.for_evaluation(self.spec.split_scheme, split, batch_size, n_controls,
+                                              seed=self.spec.seed, channel_stats=self.channel_stats)
             self._streams[key] = PlateStream(self.ds, cfg, self.rank, self.world, self.cache)
         return self._streams[key]
 
     def warm(self, splits: list[str]) -> None:
         """The parts of `splits` into the part cache before the first evaluation (see PlateStream.warm)."""
         for split in splits:
-            self._stream(split, self.main_batch, self.main_controls).warm()
+            self.stream(split).warm()
 
     @torch.no_grad()
     def counts(self, method: Method, split: str, batch_size: int, n_controls: int) -> list[PlateCounts]:
         method.eval()
         per_plate: dict[str, PlateCounts] = {}
-        for batch in self._stream(split, batch_size, n_controls).epoch(0):
+        for batch in self.stream(split, batch_size, n_controls).epoch(0):
             batch = batch.to(self.device)
             logits = method.predict(batch)
             labels = batch.labels[batch.queries]
@@ -79,7 +82,7 @@ class Evaluator:
 
     def rows(self, counts: list[PlateCounts], epoch: int, split: str, batch_size: int, n_controls: int,
              protocol: str) -> list[dict]:
-        meta = self._stream(split, self.main_batch, self.main_controls).domains.plate_meta
+        meta = self.stream(split).domains.plate_meta
         groups: dict[tuple[str, str], list[PlateCounts]] = defaultdict(list)
         for c in counts:
             groups[("all", "all")].append(c)
@@ -124,7 +127,7 @@ class Evaluator:
         rows = []
         tests = [s for s in self.test_splits if not s.startswith("id_")] or self.test_splits
         for split in tests:
-            stream = self._stream(split, self.main_batch, self.main_controls)
+            stream = self.stream(split)
             largest = max(stream.plate_rows.values())
             for bs in self.spec.eval.tta_batch_sizes:
                 if bs == self.main_batch or (bs and bs >= largest):

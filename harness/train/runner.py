@@ -1,38 +1,29 @@
 """Launch runs on Ray Train in lanes: each lane is one `TorchTrainer` whose workers train job after job.
 
-A job is one training and the runs that share it (harness/jobs.py). Lanes pull jobs from a queue actor, so
+A job is one training and the runs that share it (harness/train/jobs.py). Lanes pull jobs from a queue actor, so
 a lane pays Ray Train's start-up (controller and worker processes, imports, process group) and the
 stream's warm-up (the dataset's parts in memory) once, not once per run. Each training keeps its own
-checkpoints in storage (harness/checkpointing.py): a worker that dies is replaced by
+checkpoints in storage (harness/train/checkpointing.py): a worker that dies is replaced by
 `FailureConfig(max_failures)`, asks the queue again and resumes its job from the last checkpoint; the same
-command run again after the driver died finds every finished run's `done.json` and resumes the others.
+command run again after the driver died finds every finished run's done marker (harness/results/layout.py)
+and resumes the others.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from platebench.datasets.storage import (
-    STORAGE_ERRORS,
-    StorageOptions,
-    describe_error,
-    filesystem,
-    join,
-    put_atomic,
-    with_retries,
-)
+from platebench.datasets.storage import STORAGE_ERRORS, StorageOptions, describe_error, filesystem, join
 
 from ..data.stream import StreamConfig
 from ..errors import HarnessError
+from ..results.layout import lanes_dir, read_done, runs_dir
 from .jobs import JobQueue, plan_jobs
 from .runspec import RunSpec
 from .tracking import MlflowTarget
-
-RUNS_DIR = "runs"
 
 
 @dataclass(frozen=True)
@@ -47,49 +38,17 @@ class Launch:
     max_failures: int = 2
     read_cpus: float = StreamConfig.read_cpus  # per Ray Data read task
     mlflow: MlflowTarget | None = None
-    fault: str | None = None  # fault injection for resilience tests (harness/faults.py)
+    fault: str | None = None  # fault injection for resilience tests (harness/train/faults.py)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_SPREAD (one worker per node)
-    cache_mb: int = 512  # per worker: parts kept in memory across epochs and jobs (harness/stream.py PartCache)
-
-
-def done_path(storage: str, run_id: str) -> str:
-    return join(storage, RUNS_DIR, run_id, "done.json")
-
-
-def read_done(launch: Launch, run_id: str) -> dict | None:
-    fs, path = filesystem(done_path(launch.storage, run_id), launch.options)
-    data = with_retries(lambda: fs.cat_file(path) if fs.exists(path) else None,
-                        f"reading {done_path(launch.storage, run_id)}")
-    return None if data is None else json.loads(data)
-
-
-def write_run_file(launch: Launch, run_id: str, name: str, payload) -> None:
-    fs, root = filesystem(launch.storage, launch.options)
-
-    def write():
-        fs.makedirs(join(root, RUNS_DIR, run_id), exist_ok=True)
-        put_atomic(fs, join(root, RUNS_DIR, run_id, name), json.dumps(payload, indent=1, default=list).encode())
-
-    with_retries(write, f"writing {join(launch.storage, RUNS_DIR, run_id, name)}")
-
-
-def write_run_done(launch: Launch, spec: RunSpec, facts: dict) -> dict:
-    """The run's spec, then its done marker (last: its presence means every record is written)."""
-    summary = {"run_id": spec.run_id, "method": spec.method, "seed": spec.seed, "spec": spec.to_dict(),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **facts}
-    write_run_file(launch, spec.run_id, "spec.json", spec.to_dict())
-    if facts.get("mlflow_gaps"):
-        write_run_file(launch, spec.run_id, "mlflow_gaps.json", facts["mlflow_gaps"])
-    write_run_file(launch, spec.run_id, "done.json", summary)
-    return {**summary, "skipped": False}
+    cache_mb: int = 512  # per worker: parts kept in memory across epochs and jobs (harness/data/stream.py PartCache)
 
 
 def check_storage_writable(launch: Launch) -> None:
     """Probe the storage URL before any training: a clear error beats a failure after an hour."""
     fs, root = filesystem(launch.storage, launch.options)
-    probe = join(root, RUNS_DIR, ".write-probe")
+    probe = join(runs_dir(root), ".write-probe")
     try:
-        fs.makedirs(join(root, RUNS_DIR), exist_ok=True)
+        fs.makedirs(runs_dir(root), exist_ok=True)
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except STORAGE_ERRORS as exc:
@@ -102,9 +61,9 @@ def make_lane_trainer(launch: Launch, lane: str, queue, callbacks: list | None =
     from ray.train.torch import TorchTrainer
 
     from ..ray_local import torch_config
-    from .loop import lane_worker
+    from .lane_worker import lane_worker
 
-    fs, path = pyarrow_filesystem(join(launch.storage, "ray", "lanes"), launch.options)
+    fs, path = pyarrow_filesystem(lanes_dir(launch.storage), launch.options)
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": 1} if launch.use_gpu else {})}
     return TorchTrainer(
         lane_worker,
@@ -138,7 +97,7 @@ def fit_run(spec: RunSpec, launch: Launch, callbacks: list | None = None) -> dic
     """Train and evaluate one run in a lane of its own (a sweep trial); returns its done marker."""
     import ray
 
-    existing = read_done(launch, spec.run_id)
+    existing = read_done(launch.storage, spec.run_id, launch.options)
     if existing is not None:
         return {**existing, "skipped": True}
     jobs = plan_jobs([spec])
@@ -152,7 +111,7 @@ def fit_run(spec: RunSpec, launch: Launch, callbacks: list | None = None) -> dic
     summary = ray.get(queue.summary.remote())
     ray.kill(queue)
     failed = summary["failed"].get(jobs[0].key) or error
-    done = read_done(launch, spec.run_id)
+    done = read_done(launch.storage, spec.run_id, launch.options)
     if done is None:
         raise HarnessError(f"run {spec.run_id} failed: {failed or 'no done marker was written'}")
     return {**done, "skipped": False}
@@ -169,7 +128,7 @@ def run_many(specs: Sequence[RunSpec], launch: Launch, max_concurrent: int,
     results: dict[str, dict] = {}
     todo = []
     for spec in specs:
-        done = read_done(launch, spec.run_id)
+        done = read_done(launch.storage, spec.run_id, launch.options)
         if done is not None:
             results[spec.run_id] = {**done, "skipped": True}
             on_event("skipped", spec, results[spec.run_id])

@@ -8,14 +8,18 @@ the training method's code. Runs with equal trainings (ERM and AdaBN of one seed
 evaluated from the same checkpoints; each keeps its own run id, records and MLflow run.
 
 Everything a run needs is validated here, before any training starts: method and hyperparameters,
-split scheme, the context the method needs (e.g. negative controls), and the augmentation policy.
+split scheme, the context the method needs (e.g. negative controls), and the augmentation policy. A run's
+hyperparameters are resolved here once, on the driver (`resolve_run_hparams`); its RunSpec carries them and
+the workers use them as given.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from platebench.datasets.shards import ShardDataset
 from platebench.methods import TaskSpec, get_method
@@ -123,6 +127,17 @@ def task_spec(ds: ShardDataset) -> TaskSpec:
                     num_domains=DomainIndex.from_manifest(m).counts())
 
 
+def resolve_run_hparams(method: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every hyperparameter of `method`: its defaults updated by `overrides`, validated (an error naming the key
+    and value). For a method that trains as another, that method must accept the training ones too."""
+    cls = get_method(method)  # MethodError with the known names and closest match
+    resolved = resolve_hparams(cls, overrides)
+    check_policy(resolved["augment"])
+    if cls.trains_as:  # unknown keys are errors there too
+        resolve_hparams(get_method(cls.trains_as), cls.training_hparams(resolved))
+    return resolved
+
+
 def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict | None, seeds, backbone: str,
                 eval_protocol: EvalProtocol | None = None) -> list[RunSpec]:
     """Validate a (dataset, scheme, method, hparams) combination and return one RunSpec per seed."""
@@ -130,9 +145,8 @@ def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict 
     scheme = m.scheme(split_scheme)  # DatasetError naming the known schemes
     if "train" not in scheme.splits:
         raise HarnessError(f"split scheme {split_scheme!r} has no 'train' split")
-    cls = get_method(method)  # MethodError with the known names and closest match
-    instance_hp = resolve_hparams(cls, hparams)
-    check_policy(instance_hp.get("augment", "flip-rot90"))
+    resolved = resolve_run_hparams(method, hparams)
+    cls = get_method(method)
     if cls.needs.controls and not any(p.controls for p in m.parts):
         raise HarnessError(f"method {method!r} needs negative controls as context, but dataset {m.name!r} "
                            f"({ds.url}) has none")
@@ -140,11 +154,9 @@ def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict 
         raise HarnessError(f"method {method!r} needs several domains; dataset {m.name!r} has one plate")
     if not seeds:
         raise HarnessError("no seeds given")
-    if cls.trains_as:  # the trained method must accept the training hyperparameters (unknown keys are errors)
-        resolve_hparams(get_method(cls.trains_as), cls.training_hparams(instance_hp))
     code = code_identity(cls)
     return [RunSpec(data=ds.url, dataset=m.name, dataset_checksum=m.checksum(), split_scheme=split_scheme,
-                    method=method, hparams=instance_hp, backbone=backbone, seed=int(s), code=code,
+                    method=method, hparams=resolved, backbone=backbone, seed=int(s), code=code,
                     eval=eval_protocol or EvalProtocol()) for s in seeds]
 
 
@@ -152,15 +164,13 @@ def check_trainable(ds: ShardDataset, spec: RunSpec, workers: int) -> int:
     """Steps per epoch of the first epoch; an error if the train split cannot fill one batch per rank."""
     from ..data.stream import PlateStream, StreamConfig
 
-    cls = get_method(spec.method)
-    method_hp = resolve_hparams(cls, spec.hparams)
-    cfg = StreamConfig.for_training(cls.request_for(method_hp), spec.split_scheme, spec.seed)
+    cfg = StreamConfig.for_training(get_method(spec.method).request_for(spec.hparams), spec.split_scheme, spec.seed)
     stream = PlateStream(ds, cfg, rank=0, world=workers)
     steps = stream.steps(0)
     if steps == 0:
         per_plate = sorted(stream.plate_rows.values())
         raise HarnessError(
             f"method {spec.method!r}: the train split of {spec.split_scheme!r} gives no batch of batch_size="
-            f"{method_hp['batch_size']} with {workers} worker(s) (labelled images per plate: {per_plate[:8]}"
+            f"{spec.hparams['batch_size']} with {workers} worker(s) (labelled images per plate: {per_plate[:8]}"
             f"{' ...' if len(per_plate) > 8 else ''}); lower batch_size or use fewer workers")
     return steps

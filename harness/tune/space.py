@@ -32,8 +32,8 @@ _TOP = {"method", "description", "params", "datasets"}
 
 
 def spaces_dir() -> Path:
-    # Editable installs keep tune_spaces/ beside harness/; wheels install it as platebench/tune_spaces.
-    return Path(__file__).resolve().parent.parent / "tune_spaces"
+    # tune_spaces/ sits beside harness/ both in a checkout (editable install) and in a wheel (platebench/).
+    return Path(__file__).resolve().parents[2] / "tune_spaces"
 
 
 @dataclass(frozen=True)

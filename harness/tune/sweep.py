@@ -19,9 +19,10 @@ from platebench.datasets.storage import filesystem, join
 from platebench.methods.backbones import DEFAULT_BACKBONE
 
 from ..errors import HarnessError
+from ..results.layout import read_done, sweep_dir, tune_dir
 from ..results.records import overall, read_records
 from ..results.selection import select_epoch
-from ..train.runner import Launch, fit_run, read_done
+from ..train.runner import Launch, fit_run
 from ..train.runspec import build_specs
 from ..train.tracking import MlflowTarget
 from .space import SearchSpace
@@ -55,7 +56,7 @@ def experiment_name(cfg: SweepConfig, dataset_checksum: str) -> str:
 
 
 def trial_storage(launch: Launch, experiment: str) -> str:
-    return join(launch.storage, "sweeps", experiment)
+    return sweep_dir(launch.storage, experiment)
 
 
 def trial_spec(cfg: SweepConfig, sampled: dict):
@@ -72,7 +73,7 @@ def run_trial(config: dict, cfg: SweepConfig, launch: Launch, experiment: str) -
 
     spec = trial_spec(cfg, config)
     trial_launch = replace(launch, storage=trial_storage(launch, experiment))
-    done = read_done(trial_launch, spec.run_id)
+    done = read_done(trial_launch.storage, spec.run_id, trial_launch.options)
     if done is not None:  # the same sample was trained before (e.g. a repeated choice): replay its curve
         rows = read_records(trial_launch.storage, trial_launch.options, run_ids=[spec.run_id]).to_pylist()
         for epoch, value in sorted(overall(rows, role="val").items()):
@@ -167,14 +168,14 @@ def run_sweep(cfg: SweepConfig, launch: Launch, resume: bool = False) -> dict:
     ds = open_dataset(cfg.data)
     experiment = experiment_name(cfg, ds.manifest.checksum())
     check_storage_writable(replace(launch, storage=trial_storage(launch, experiment)))
-    fs, path = pyarrow_filesystem(join(launch.storage, "tune"), launch.options)
+    fs, path = pyarrow_filesystem(tune_dir(launch.storage), launch.options)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, cfg=cfg, launch=launch, experiment=experiment),
         {"cpu": 0.01})  # the trial only drives its TorchTrainer; Tune rejects 0
     exp_path = f"{path}/{experiment}"
     exists = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if exists and not resume:
-        raise HarnessError(f"sweep experiment {experiment} already exists in {launch.storage}/tune; "
+        raise HarnessError(f"sweep experiment {experiment} already exists in {tune_dir(launch.storage)}; "
                            f"pass --resume to continue it")
     if resume and exists:
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
@@ -195,9 +196,8 @@ def run_sweep(cfg: SweepConfig, launch: Launch, resume: bool = False) -> dict:
         trials.append({"trial_id": getattr(res, "path", None) and res.path.rsplit("/", 1)[-1],
                        "sampled": sampled, "run_id": spec.run_id, "hparams": spec.hparams,
                        "error": str(res.error).splitlines()[0][:300] if res.error else None,
-                       **_timing(res, read_done(replace(launch, storage=trial_storage(launch, experiment)),
-                                                spec.run_id))})
-    return {"experiment": experiment, "trials": trials, "path": f"{launch.storage}/tune/{experiment}"}
+                       **_timing(res, read_done(trial_storage(launch, experiment), spec.run_id, launch.options))})
+    return {"experiment": experiment, "trials": trials, "path": join(tune_dir(launch.storage), experiment)}
 
 
 def _timing(res, done: dict | None) -> dict:
