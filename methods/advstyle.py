@@ -18,16 +18,23 @@ Deliberate options (not the default), the project's earlier behaviour:
   gets a gradient at every inner step; the reference picks the branch at random).
 * `freeze_bn_in_inner=True`: BatchNorm uses batch statistics without touching its running buffers during
   the inner steps, so they leave every network weight and buffer bit-identical.
+* `adv_optimizer="main"`: the adversary optimiser copies the main one's settings, under `optimizer=sgd` its
+  momentum and weight decay too (the reference: plain SGD, see below; no difference under adam/adamw).
 
 Declared differences: (1) θ is initialised by one extra no-grad forward on the first step with every layer
 on the adversarial branch (BatchNorm on batch statistics, buffers untouched), so that every rank reaches
 θ's all-reduce together; the reference sets each layer's θ at that layer's first adversarial forward.
 (2) A θ whose layer took another branch in an inner step has no gradient and is not stepped, as torch ≥ 2
-runs the reference trainer (its `zero_grad` drops gradients); under torch 1.x its zeroed gradient would
-still step θ by momentum and weight decay, as happens here on several ranks, where the gradient all-reduce
-gives every θ a gradient (zero where no rank used it). (3) The network's parameters get no gradient in the inner
-steps (the reference computes and discards one). The adversary optimiser has the main optimiser's type,
-lr and weight decay (as in the official trainer) and follows the same lr schedule.
+runs the reference trainer (its `zero_grad` drops gradients). On several ranks the gradient all-reduce gives
+every θ a gradient (zero where no rank used it): under the plain SGD adversary that leaves θ unchanged;
+under adam it still steps θ by Adam's moments and weight decay (as torch 1.x would run the reference).
+(3) The network's parameters get no gradient in the inner steps (the reference computes and discards one).
+
+The adversary optimiser is built as the reference's `build_optimizer_advstle` (`dassl/optim/optimizer.py`)
+builds it: the main optimiser's type and lr, following the same lr schedule; under `optimizer=sgd` (every
+official config) plain SGD, momentum 0 and weight decay 0, so one adversary step is θ ← θ − lr·∇θ and a zero
+gradient leaves θ where it is; under adam the main optimiser's weight decay (and betas), as the reference.
+The reference builds no adamw adversary (its builder fails there); here adamw gets the main settings, as adam.
 
 `AdvStyleTTA` ("advstyle+tta", track "tta") trains identically and predicts with each test batch's
 own BatchNorm statistics (AdaBN on the plate-pure evaluation batch), running buffers untouched.
@@ -44,10 +51,12 @@ from .blocks import bn
 from .blocks.inner_loop import frozen_parameters
 from .blocks.style import AdvStyleLayer, insertion_channels, parse_insertion_points, pinned
 from .erm import ERM
+from .hparams import Param
 from .network import accuracy, masked_cross_entropy
 from .registry import register
 
 INNER_BRANCHES = ("random", "adv")
+ADV_OPTIMIZERS = ("reference", "main")
 
 
 @register("advstyle")
@@ -61,6 +70,8 @@ class AdvStyle(ERM):
         "eps": 1e-6,
         "inner_branch": "random",  # random (reference: each layer picks its branch) | adv (always adversarial)
         "freeze_bn_in_inner": False,  # True: inner steps leave BN running buffers untouched (reference: updated)
+        # reference: plain SGD when optimizer=sgd (see the module doc) | main: the main optimiser's settings
+        "adv_optimizer": Param("reference", choices=ADV_OPTIMIZERS),
     }
     summary = "Instance-style noise whose scales are learned adversarially through gradient reversal."
 
@@ -93,7 +104,15 @@ class AdvStyle(ERM):
         return [p for p in self.network.parameters() if id(p) not in adversary]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.make_optimizer(self.network_parameters()), self.make_optimizer(self.adversary_parameters())]
+        return [self.make_optimizer(self.network_parameters()), self.make_adversary_optimizer()]
+
+    def make_adversary_optimizer(self) -> torch.optim.Optimizer:
+        """θ's optimiser, as the reference builds it: under SGD no momentum and no weight decay (its comment:
+        "do not use momentum when find adversarial direction"); otherwise the main optimiser's settings."""
+        hp = self.hparams
+        if hp["optimizer"] == "sgd" and hp["adv_optimizer"] == "reference":
+            return torch.optim.SGD(self.adversary_parameters(), lr=hp["lr"], momentum=0.0, weight_decay=0.0)
+        return self.make_optimizer(self.adversary_parameters())
 
     def adversary_step(self, batch: Batch) -> float:
         """One ascent step on θ (network weights untouched); returns the CE before it.

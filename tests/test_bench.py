@@ -13,7 +13,7 @@ def test_bench_generates_data_trains_and_writes_the_leaderboard(tmp_path, capsys
     out = tmp_path / "out"
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{bench.README_START}\nSTALE-BLOCK\n{bench.README_END}\nrest\n")
-    argv = ["bench", "--preset", "tiny", "--methods", "erm", "adabn", "--seeds", "0", "1", "--epochs", "1",
+    argv = ["bench", "--preset", "tiny", "--methods", "erm", "adabn", "--seeds", "0", "1", "--epochs", "2",
             "--hparams", "batch_size=4", "--out", str(out), "--readme", str(readme)]
     assert main(argv) == 0
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "leaderboard.html"):
@@ -37,6 +37,14 @@ def test_bench_generates_data_trains_and_writes_the_leaderboard(tmp_path, capsys
     assert len(trainings) == 2 and all(t.startswith("erm-") for t in trainings)
     done = [json.loads(p.read_text()) for p in (out / "runs").glob("*/done.json")]
     assert len(done) == 4 and len({d["training_id"] for d in done}) == 2
+    # runs sharing a training are tested at each other's selectable epochs: same-checkpoint rows are complete
+    tested = {}
+    for d in done:
+        epochs = {int(p.name[6:11]) for p in (out / "records" / d["run_id"]).glob("epoch-*.tests.parquet")}
+        tested.setdefault(d["training_id"], []).append(epochs)
+    assert all(len(e) == 2 and e[0] == e[1] for e in tested.values())
+    same = [r for t in board["tables"] for r in t.get("same_checkpoint", [])]
+    assert same and all(r["method"] == "adabn" and not r.get("missing_seeds") for r in same)
     written = {p: p.stat().st_mtime_ns for d in ("records", "trainings", "runs") for p in (out / d).rglob("*")
                if p.is_file()}
     capsys.readouterr()

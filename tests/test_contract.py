@@ -9,6 +9,8 @@ import pytest
 from platebench.methods import registry, testing
 
 NAMES = registry.names()
+# out of the unit tier: ddp forks two gloo ranks, the others train for several steps (seconds per method)
+SLOW_CHECKS = {"ddp", "loss_decreases", "reproducible"}
 
 
 def _method_class(name: str):
@@ -25,7 +27,8 @@ def _method_class(name: str):
     return registry.get_method(name)
 
 
-@pytest.mark.parametrize("check", list(testing.CHECKS))
+@pytest.mark.parametrize("check", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CHECKS else c
+                                   for c in testing.CHECKS])
 @pytest.mark.parametrize("name", NAMES)
 def test_contract(name, check):
     testing.CHECKS[check](_method_class(name))

@@ -146,6 +146,7 @@ def test_kit_rejects_broken_methods(cls, check, message):
         testing.CHECKS[check](cls)
 
 
+@pytest.mark.slow  # forks two gloo ranks
 def test_kit_ddp_check_catches_missing_gradient_allreduce():
     with pytest.raises(Exception, match="parameters differ across ranks"):
         testing.check_ddp(NoAllReduce)

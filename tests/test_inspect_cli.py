@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from platebench.harness.cli import main
 from shard_fixtures import build_tiny_dataset
 
@@ -39,6 +40,7 @@ def test_not_a_dataset_is_one_line_without_traceback(tmp_path, capsys):
     assert err.count("\n") == 1 and "manifest.json: not found" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # the S3 client retries before it gives up
 def test_unreachable_s3_endpoint_is_one_clear_line(capsys, monkeypatch):
     import socket
 

@@ -254,6 +254,28 @@ def test_the_cycle_finder_names_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_the_checks_see_lazy_imports_and_private_reaches():
+    sources = {
+        "platebench.harness.x.a": "class A:\n    def _hidden(self): ...\ndef _helper(): ...\n",
+        "platebench.harness.x.b": ("def f(obj):\n    from .a import A, _helper\n    from . import a\n"
+                                   "    return A._hidden, obj._hidden, a._helper\n"),
+        "platebench.harness.x": "",
+    }
+    fake = {name: Module(name, REPO / "harness" / f"{name.replace('.', '_')}.py", name == "platebench.harness.x",
+                         ast.parse(text)) for name, text in sources.items()}
+    for mod in fake.values():
+        _collect_imports(mod, fake)
+    assert set(fake["platebench.harness.x.b"].imports) == {"platebench.harness.x.a"}  # inside a function
+    private_attrs = {"_hidden": {"platebench.harness.x.a"}}
+    found = _private_reaches(fake["platebench.harness.x.b"], fake, private_attrs)
+    assert [line.split(": ", 1)[1] for line in found] == [
+        "from platebench.harness.x.a import _helper",
+        "A._hidden (a private name of platebench.harness.x.a)",
+        "obj._hidden (a private name of platebench.harness.x.a)",
+        "a._helper (a private name of platebench.harness.x.a)",
+    ]
+
+
 def test_no_import_cycle_among_platebench_modules():
     found = modules()
     graph = {name: set(mod.imports) for name, mod in found.items()}

@@ -13,11 +13,13 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from leaderboard_fixtures import run_id as fixture_run_id
+from leaderboard_fixtures import shared_test_value, write_root, write_shared_training
 from platebench.harness.cli import main
 from platebench.harness.errors import HarnessError
 from platebench.harness.results.leaderboard import build_leaderboard
 from platebench.harness.results.records import read_records, write_epoch_records
-from platebench.harness.results.report import to_markdown, write_report
+from platebench.harness.results.report import plot_names, to_html, to_markdown, write_report
 from scipy import stats as sps
 
 CURVE = {"val": {1: 0.30, 2: 0.40, 3: 0.35}, "test": {1: 0.20, 2: 0.25, 3: 0.45},
@@ -264,6 +266,7 @@ def test_mixed_dataset_versions_and_duplicate_seeds_are_errors(tmp_path, store):
         build_leaderboard(read_records(extra))
 
 
+@pytest.mark.slow  # plots
 def test_write_report_files(board, tmp_path):
     files = write_report(board, str(tmp_path / "out"))
     names = sorted(p.rsplit("/", 1)[1] for p in files)
@@ -293,6 +296,7 @@ def test_write_report_files(board, tmp_path):
     assert len(csv_lines) == 1 + n_rows
 
 
+@pytest.mark.slow  # plots
 def test_cli_end_to_end(store, tmp_path, capsys):
     (tmp_path / "best.json").write_text(json.dumps({"mixstyle": {"hparams": {"p": 0.5}, "trials": 12}}))
     out = tmp_path / "lb"
@@ -333,3 +337,92 @@ def test_cli_errors_are_one_line(store, tmp_path, capsys):
     assert main(["leaderboard", "--records", store, "--out", str(tmp_path / "x"),
                  "--best-configs", str(tmp_path / "bc.json")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_same_checkpoint_row_reads_variant_and_parent_at_the_parents_epoch(tmp_path):
+    # ERM selects epoch 2, AdaBN (trains as ERM) epoch 3. AdaBN also has test records at epoch 2 for seeds 0 and 1
+    # (as when 2 is among its own selectable epochs), not for seed 2: that seed is missing, never read elsewhere.
+    root = write_shared_training(tmp_path, test_epochs={("adabn", 0): {2, 3}, ("adabn", 1): {2, 3}})
+    board = build_leaderboard(read_records(root))
+    erm = rows(table(board, "test", "standard"))[("erm", "standard")]
+    assert erm["epochs"] == {"0": 2, "1": 2, "2": 2}
+    t = table(board, "test", "tta")
+    own = rows(t)[("adabn", "tta")]
+    assert own["kind"] == "own-selection" and own["epochs"] == {"0": 3, "1": 3, "2": 3}  # its own selection
+    (same,) = t["same_checkpoint"]
+    assert (same["kind"], same["method"], same["parent"], same["parent_track"]) == \
+        ("same-checkpoint", "adabn", "erm", ["standard"])
+    assert same["epochs"] == {"0": 2, "1": 2, "2": 2} and same["own_epochs"] == {"0": 3, "1": 3, "2": 3}
+    a = [shared_test_value("adabn", s, 2) for s in (0, 1)]
+    e = [shared_test_value("erm", s, 2) for s in (0, 1)]
+    assert same["per_seed"] == {"0": pytest.approx(a[0]), "1": pytest.approx(a[1])}
+    assert same["parent_per_seed"] == {"0": pytest.approx(e[0]), "1": pytest.approx(e[1])}
+    assert list(same["missing_seeds"]) == ["2"] and "epoch 2" in same["missing_seeds"]["2"]
+    assert same["n_paired"] == 2 and same["diff_mean"] == pytest.approx(np.mean(np.subtract(a, e)))
+    assert same["p_paired_t"] == pytest.approx(sps.ttest_rel(a, e).pvalue)
+    assert same["complete"] is False and same["significant_holm"] is None  # a missing seed: no Holm decision
+    # the own-selection row compares adabn at epoch 3 with erm at epoch 2: another number
+    assert own["diff_mean"] != pytest.approx(same["diff_mean"])
+    md = to_markdown(board)
+    assert "Same checkpoint · " in md and "| adabn † | erm | 0: 2, 1: 2, 2: 2 |" in md
+    assert "† adabn seed 2: adabn has no test record at erm's selected epoch 2" in md
+    # every seed evaluated at erm's epoch: complete, and Holm over the one same-checkpoint comparison
+    full = write_shared_training(tmp_path / "full", test_epochs={("adabn", s): {2, 3} for s in (0, 1, 2)})
+    (same,) = table(build_leaderboard(read_records(full)), "test", "tta")["same_checkpoint"]
+    assert same["complete"] is True and same["missing_seeds"] == {} and same["p_holm"] == pytest.approx(
+        same["p_paired_t"])
+
+
+def test_differences_without_spread_get_no_p_value_and_no_holm_decision(tmp_path):
+    # the merge fixture's seed offsets are the same for every method: each difference is constant over seeds
+    root = write_root(tmp_path, datasets=("alpha",), methods=("erm", "m2", "m3"), with_done=False, sweeps=False)
+    board = build_leaderboard(read_records(root))
+    r = rows(table(board, "test", "standard"))
+    for m in ("m2", "m3"):
+        x = r[(m, "standard")]
+        assert x["no_spread"] is True and x["complete"] is True
+        assert (x["p_paired_t"], x["p_holm"], x["significant_holm"]) == (None, None, None)
+        assert x["diff_ci95"][0] == pytest.approx(x["diff_ci95"][1])  # the interval itself has zero width
+    assert r[("erm", "standard")]["no_spread"] is False
+    md = to_markdown(board)
+    assert "| 45.0 ± 1.0 (3) | -5.0 (no spread) | no spread | 0.25 | — |" in md  # Total, Δ, p, Wilcoxon, Holm
+    assert "m2: no spread: every seed's difference is the same" in md
+
+
+def _recode(root: str, run: str, code: str) -> None:
+    recs = read_records(root).to_pylist()
+    for epoch in sorted({r["epoch"] for r in recs if r["run_id"] == run}):
+        write_epoch_records(root, run, epoch, [dict(r, code=code) for r in recs
+                                               if r["run_id"] == run and r["epoch"] == epoch])
+
+
+def test_mixed_code_is_refused_unless_allowed_then_marked(tmp_path, capsys):
+    root = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm", "m2"), with_done=False, sweeps=False)
+    _recode(root, fixture_run_id("m2", "alpha", 1), "0.2.0+other")
+    with pytest.raises(HarnessError, match=r"m2 \(0\.1\.0\+fixture, 0\.2\.0\+other\)"):
+        build_leaderboard(read_records(root))
+    assert main(["leaderboard", "--records", root, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "m2 (0.1.0+fixture, 0.2.0+other)" in err and "--allow-mixed-code" in err and err.count("\n") == 1
+    board = build_leaderboard(read_records(root), allow_mixed_code=True)
+    r = rows(table(board, "test", "standard"))
+    assert r[("m2", "standard")]["mixed_code"] == ["0.1.0+fixture", "0.2.0+other"]
+    assert r[("erm", "standard")]["mixed_code"] is None
+    assert board["settings"]["allow_mixed_code"] is True
+    assert board["settings"]["mixed_code"] == {"m2": ["0.1.0+fixture", "0.2.0+other"]}
+    md = to_markdown(board)
+    assert "| m2 § |" in md and "§ m2: runs of different code identities (0.1.0+fixture, 0.2.0+other)" in md
+    page = to_html(board, {name: b"" for name in plot_names(board)})
+    assert "<td>m2 §</td>" in page
+
+
+@pytest.mark.slow  # plots
+def test_cli_allow_mixed_code(tmp_path, capsys):
+    root = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm", "m2"), with_done=False, sweeps=False)
+    _recode(root, fixture_run_id("m2", "alpha", 1), "0.2.0+other")
+    out = tmp_path / "lb"
+    assert main(["leaderboard", "--records", root, "--out", str(out), "--allow-mixed-code"]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "leaderboard.json").read_text())
+    assert rows(table(data, "test", "standard"))[("m2", "standard")]["mixed_code"] == ["0.1.0+fixture",
+                                                                                       "0.2.0+other"]

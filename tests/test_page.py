@@ -18,8 +18,9 @@ from platebench.harness.cli import main
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                reason="needs Chromium: apt-get install -y chromium chromium-driver")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                                 reason="needs Chromium: apt-get install -y chromium chromium-driver")]
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ def test_plain_stream_delivers_the_ray_streams_batches(tiny_dataset, mode):
     _same_batches(ray_batches, plain_batches)
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_dataloader_baseline_yields_the_streams_plate_pure_batches(tiny_dataset):
     ds = open_dataset(str(tiny_dataset))
     cfg = replace(data.stream_config(ds, batch_size=5, parallelism=2, limit_parts=None), keep_ids=True)

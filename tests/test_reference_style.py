@@ -4,8 +4,8 @@ Each test feeds identical inputs and identical random draws (pinned, or drawn fr
 project's layer and to a short re-derivation of the reference's equations written here, then compares the
 outputs and the input gradients (of a fixed random projection of the output) in float64. The references:
 lixiaotong97/DSU (`DistributionUncertainty`), KaiyangZhou/mixstyle-release (`MixStyle`), YBZh/AdvStyle
-(`AdvStyle` layer and the `Vanilla2_advstyle` trainer). Options that deliberately differ from the
-reference get a test that names the option and shows the difference.
+(`AdvStyle` layer, the `Vanilla2_advstyle` trainer and its adversary optimiser from `build_optimizer_advstle`).
+Options that deliberately differ from the reference get a test that names the option and shows the difference.
 """
 
 from __future__ import annotations
@@ -323,6 +323,56 @@ def test_advstyle_inner_step_equals_the_reference_trainer_step():
         # declared: a θ whose layer is off the adversarial branch gets no gradient and no optimiser step
         key = f"featurizer.inserts.{['stem', 'res1', 'res2', 'res3', 'res4'][i]}.theta_mu"
         assert torch.equal(ours[key], before[key]) == (branch != "adv")
+
+
+SGD_MAIN = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1}  # a main optimiser θ must not inherit
+
+
+def _theta_gradients(method, batch, seed):
+    """Pin fresh draws (every layer adversarial) on the method and on a copy of its network; the copy's θ and
+    θ's gradient of the plain CE, as the reference trainer's backward computes it before its step."""
+    _pin_draws(method, ["adv"] * 5, seed=seed)
+    reference = copy.deepcopy(method.network)
+    for layer, mine in zip(reference.featurizer.inserts.values(), method.style_layers):
+        layer.pin(**mine._pinned)
+    F.cross_entropy(reference(batch.images), batch.labels).backward()
+    return {n: (p.detach().clone(), p.grad.clone()) for n, p in reference.named_parameters() if "theta" in n}
+
+
+def _theta(method):
+    return {n: p.detach().clone() for n, p in method.network.named_parameters() if "theta" in n}
+
+
+def test_advstyle_adversary_step_is_plain_sgd_without_the_main_momentum_and_weight_decay():
+    """The reference's `build_optimizer_advstle` under SGD: θ's optimiser has momentum 0 and weight decay 0 (and the
+    main lr), so every adversary step is θ ← θ − lr·∇θ, the second one included (no momentum carried over)."""
+    lr = 1e-2
+    method, batch = _initialised(SGD_MAIN)
+    for step in range(2):
+        grads = _theta_gradients(method, batch, seed=30 + step)
+        method.adversary_step(batch)
+        ours = _theta(method)
+        assert grads.keys() == ours.keys() and len(ours) == 10
+        for name, (theta, grad) in grads.items():
+            assert grad.abs().sum() > 0
+            torch.testing.assert_close(ours[name], theta - lr * grad, **TOL)
+
+
+def test_advstyle_option_adv_optimizer_main_steps_theta_with_the_main_momentum_and_weight_decay():
+    """`adv_optimizer="main"` (not the reference): the first step is SGD with weight decay, θ ← θ − lr·(∇θ + wd·θ),
+    and the second adds the momentum buffer, θ ← θ − lr·(0.9·b₁ + ∇θ + wd·θ) with b₁ the first step's direction."""
+    lr, wd, mom = 1e-2, SGD_MAIN["weight_decay"], SGD_MAIN["momentum"]
+    method, batch = _initialised({**SGD_MAIN, "adv_optimizer": "main"})
+    buffers = {}
+    for step in range(2):
+        grads = _theta_gradients(method, batch, seed=30 + step)
+        method.adversary_step(batch)
+        ours = _theta(method)
+        for name, (theta, grad) in grads.items():
+            direction = grad + wd * theta + (mom * buffers[name] if name in buffers else 0.0)
+            buffers[name] = direction
+            torch.testing.assert_close(ours[name], theta - lr * direction, **TOL)
+            assert not torch.allclose(ours[name], theta - lr * grad, **TOL)  # differs from the reference
 
 
 def test_advstyle_option_freeze_bn_in_inner_leaves_the_buffers_the_reference_updates():

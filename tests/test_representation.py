@@ -53,22 +53,80 @@ def _distinct(rng, k, dim=16):
     return 10.0 * np.eye(dim)[1 + k // 2] + 2.0 * np.eye(dim)[4 + k] + rng.normal(scale=0.01, size=dim)
 
 
+@pytest.mark.slow  # copairs / scikit-learn / harmonypy: seconds
 def test_mixing_scores_move_with_the_batch_effect_and_equal_the_libraries_values():
     from harmonypy import compute_lisi
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import silhouette_samples
 
     sep_x, sep_b = _clusters(True)
     mix_x, mix_b = _clusters(False)
-    assert rep.silhouette_batch(sep_x, sep_b) < 0.2 < 0.8 < rep.silhouette_batch(mix_x, mix_b)
+    one_label = np.zeros(len(sep_b), dtype=int)
+    assert rep.silhouette_batch(sep_x, sep_b, one_label) < 0.2 < 0.8 < rep.silhouette_batch(mix_x, mix_b, one_label)
+    assert rep.graph_connectivity(sep_x, one_label) < 0.4 < 0.99 < rep.graph_connectivity(mix_x, one_label)
     assert rep.ilisi(sep_x, sep_b) < 0.05 < 0.7 < rep.ilisi(mix_x, mix_b)
     for x, b in ((sep_x, sep_b), (mix_x, mix_b)):
-        assert rep.silhouette_batch(x, b) == pytest.approx(1 - abs(silhouette_score(x, b)))
+        # one label: scib's batch ASW is the mean of 1 - |s_i| over all profiles
+        assert rep.silhouette_batch(x, b, one_label) == pytest.approx(np.mean(1 - np.abs(silhouette_samples(x, b))))
         lisi = compute_lisi(x, pd.DataFrame({"batch": b}), ["batch"], perplexity=30)[:, 0]
         assert rep.ilisi(x, b) == pytest.approx((lisi.mean() - 1) / 2)
-    assert rep.silhouette_batch(sep_x, np.full(len(sep_b), "b0")) is None  # one batch: nothing to mix
+    assert rep.silhouette_batch(sep_x, np.full(len(sep_b), "b0"), one_label) is None  # one batch: nothing to mix
     assert rep.ilisi(sep_x, np.full(len(sep_b), "b0")) is None
 
 
+def _silhouette_by_hand(x: np.ndarray, batches: list[str]) -> np.ndarray:
+    """Rousseeuw's silhouette of each point against its batch: a = mean distance to the other points of its
+    batch, b = the smallest mean distance to another batch's points, s = (b - a) / max(a, b); 0 alone in its batch."""
+    d = np.abs(x[:, None] - x[None, :]) if x.ndim == 1 else np.linalg.norm(x[:, None] - x[None, :], axis=-1)
+    batches = np.asarray(batches)
+    s = np.zeros(len(x))
+    for i in range(len(x)):
+        own = (batches == batches[i]) & (np.arange(len(x)) != i)
+        if not own.any():
+            continue
+        a = d[i, own].mean()
+        b = min(d[i, batches == other].mean() for other in set(batches) - {batches[i]})
+        s[i] = (b - a) / max(a, b)
+    return s
+
+
+def test_silhouette_batch_is_scibs_per_label_batch_asw():
+    """scib's batch ASW (scale=True): per label, mean of 1 - |s_i| with s_i the silhouette against batch within
+    the label; mean over labels; labels in one batch, or with one profile per batch, are skipped."""
+    x = np.array([0.0, 1.0, 3.0, 5.0,  # label a: batches A A B B
+                  0.0, 0.5, 2.0,  # label b: A B A (B alone in its batch: s = 0)
+                  7.0, 9.0,  # label c: one batch only -> skipped
+                  4.0, 40.0])  # label d: one profile per batch -> skipped
+    batches = ["A", "A", "B", "B", "A", "B", "A", "A", "A", "A", "B"]
+    labels = ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + ["d"] * 2
+    per_label = [np.mean(1 - np.abs(_silhouette_by_hand(x[:4], batches[:4]))),
+                 np.mean(1 - np.abs(_silhouette_by_hand(x[4:7], batches[4:7])))]
+    assert rep.silhouette_batch(x[:, None], batches, labels) == pytest.approx(np.mean(per_label))
+    # skipped labels only: no score
+    assert rep.silhouette_batch(x[7:, None], batches[7:], labels[7:]) is None
+
+    # perfectly mixed: four equidistant points (a regular simplex), two per batch, so a_i = b_i and s_i = 0
+    assert rep.silhouette_batch(np.eye(4), ["A", "A", "B", "B"], ["l"] * 4) == pytest.approx(1.0)
+    # perfectly separated: each batch one point repeated, so a_i = 0 and s_i = 1
+    separated = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0], [5.0, 0.0]])
+    assert rep.silhouette_batch(separated, ["A", "A", "B", "B"], ["l"] * 4) == pytest.approx(0.0)
+
+
+def test_graph_connectivity_is_scibs_largest_component_share():
+    """scib's graph connectivity: per label, |largest connected component of the kNN graph restricted to the
+    label| / |label|, mean over labels. With 2 neighbours (the point and its nearest one) on the line
+    0, 1, 5, 6, 20 the undirected edges are 0-1, 5-6, 6-20: label a = {0, 1, 5, 20} splits into {0, 1}, {5},
+    {20} (2 of 4); label b = {6} is whole (1 of 1)."""
+    x = np.array([[0.0], [1.0], [5.0], [6.0], [20.0]])
+    labels = ["a", "a", "a", "b", "a"]
+    assert rep.graph_connectivity(x, labels, n_neighbors=2) == pytest.approx((2 / 4 + 1 / 1) / 2)
+    # three neighbours: 0-1, 0-5, 1-5, 5-6, 1-6, 6-20, 5-20, so label a is one component
+    assert rep.graph_connectivity(x, labels, n_neighbors=3) == pytest.approx(1.0)
+    # two batches far apart, five profiles each, one label: two components of 5
+    split = np.concatenate([np.arange(5.0), 100 + np.arange(5.0)])[:, None]
+    assert rep.graph_connectivity(split, ["l"] * 10, n_neighbors=3) == pytest.approx(0.5)
+
+
+@pytest.mark.slow  # copairs / scikit-learn / harmonypy: seconds
 def test_map_is_one_for_separated_replicates_and_near_chance_for_random_profiles():
     meta, x = _plates(_distinct)
     activity = rep.activity_map(meta, x, null_size=2000)
@@ -81,8 +139,33 @@ def test_map_is_one_for_separated_replicates_and_near_chance_for_random_profiles
     mean_ap, retrieved, n = rep.activity_map(meta, x, null_size=2000)
     # chance: each treated well ranks its 23 replicates (any plate) against its plate's 4 controls
     assert abs(mean_ap - expected_ap(23, 4)) < 0.04 and retrieved <= 0.25 and n == 4
-    # consensus profiles (perturbation x plate): 16 per class, so 15 positives and 16 negatives each
-    assert abs(rep.consistency_map(meta, x) - expected_ap(15, 16)) < 0.1
+    # consensus profiles (perturbation x plate): 16 per class, 2 perturbations a class, so 8 positives (the other
+    # perturbation's) and 16 negatives each
+    assert abs(rep.consistency_map(meta, x) - expected_ap(8, 16)) < 0.1
+
+
+def _consensus_frame(profiles: dict[str, tuple[int, np.ndarray]], plates=("P0", "P1")):
+    """One treated well per (plate, perturbation), so each is its own consensus profile: {pert: (class, x)}."""
+    rows = [{"plate": p, "perturbation": pert, "label": k, "is_control": False}
+            for p in plates for pert, (k, _) in profiles.items()]
+    return pd.DataFrame(rows), np.array([v for _ in plates for _, v in profiles.values()])
+
+
+def test_consistency_positives_are_other_perturbations_of_the_class_not_replicates():
+    """JUMP's consistency: a consensus profile must retrieve its class's OTHER perturbations."""
+    def at(deg):
+        return np.array([np.cos(np.radians(deg)), np.sin(np.radians(deg))])
+
+    # each class has one perturbation: the only same-class profile is the replicate on the other plate, which
+    # is not a positive, so there is nothing to score (counting replicates would give mAP 1)
+    meta, x = _consensus_frame({"pA": (0, at(0)), "pC": (1, at(90))})
+    assert rep.consistency_map(meta, x) is None
+    # classes {pA, pB}, {pC, pD} on a circle: for every query its replicate (cos 1) ranks first, then the other
+    # class's nearest perturbation (cos 0.5, 2 plates), then its class's other perturbation (cos -0.5, 2 plates:
+    # the positives), then the opposite one (cos -1). AP = (1/3 + 2/4) / 2; with replicates as positives it
+    # would be (1/1 + 2/4 + 3/5) / 3 = 0.7
+    meta, x = _consensus_frame({"pA": (0, at(0)), "pC": (1, at(60)), "pD": (1, at(180)), "pB": (0, at(240))})
+    assert rep.consistency_map(meta, x) == pytest.approx((1 / 3 + 2 / 4) / 2)
 
 
 def test_average_precision_equals_copairs_own():
@@ -163,6 +246,7 @@ def test_batches_are_the_evaluators(tiny, method, hparams):
             assert a.plate == b.plate and torch.equal(a.images, b.images) and torch.equal(a.is_control, b.is_control)
 
 
+@pytest.mark.slow  # copairs / scikit-learn / harmonypy: seconds
 def test_end_to_end_rows_profiles_and_bn_shift(tiny):
     ds, _ = tiny
     method, ev = _evaluator(tiny, "erm", {})
@@ -173,10 +257,11 @@ def test_end_to_end_rows_profiles_and_bn_shift(tiny):
     rows = table.to_pylist()
     assert {r["protocol"] for r in rows} == {"representation"} and {r["epoch"] for r in rows} == {3}
     overall = {(r["split"], r["metric"]) for r in rows if r["domain_kind"] == "all"}
-    # id_test: site 2 of b1 and b2 (no controls there in this fixture); test: b4 alone (one batch: no mixing)
-    assert overall == {("id_test", m) for m in ("map_consistency", "silhouette_batch", "ilisi", "bn_shift_kl",
+    # id_test: site 2 of b1 and b2 (no controls there in this fixture); test: b4 alone (one batch: no mixing);
+    # one compound per class in this fixture, so no consistency (positives are other compounds of the class)
+    assert overall == {("id_test", m) for m in ("silhouette_batch", "graph_connectivity", "ilisi", "bn_shift_kl",
                                                 "bn_shift_mmd")} | \
-        {("test", m) for m in ("map_activity", "frac_retrieved", "map_consistency", "bn_shift_kl", "bn_shift_mmd")}
+        {("test", m) for m in ("map_activity", "frac_retrieved", "bn_shift_kl", "bn_shift_mmd")}
     plates = {(r["split"], r["domain"]) for r in rows if r["domain_kind"] == "plate"}
     assert plates == {("id_test", p) for p in ("b1p0", "b1p1", "b2p0", "b2p1")} | {("test", "b4p0"), ("test", "b4p1")}
     assert all(r["eval_batch_size"] == 64 and r["n_controls"] == 0 and r["track"] == "standard" for r in rows)
@@ -193,6 +278,7 @@ def test_end_to_end_rows_profiles_and_bn_shift(tiny):
     assert all(b["kl"] >= 0 and b["mmd"] >= 0 for b in result.bn_shift)
 
 
+@pytest.mark.slow  # copairs / scikit-learn / harmonypy: seconds
 def test_tta_control_wells_leave_the_treated_features_as_predicted(tiny):
     """AdaBN (whole-plate statistics): treated wells' profiles are the features of the evaluator's own batches;
     control wells are embedded inside their plate's batch, so they get profiles too."""
@@ -240,7 +326,8 @@ def test_analyze_command_writes_tables_plots_records_and_mlflow_artifacts(tiny, 
     assert main(["analyze", "--records", str(storage), "--run", spec.run_id, "--out", str(out), "--projection",
                  "tsne", "--write-records", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     printed = capsys.readouterr().out
-    assert "| map_consistency |" in printed and "logged 6 files to MLflow" in printed
+    # (the fixture has one compound per class, so no consistency row: graph connectivity stands in for a metric)
+    assert "| graph_connectivity |" in printed and "logged 6 files to MLflow" in printed
     files = {"representation.csv", "bn_shift.csv", "projection-id_test.png", "projection-test.png",
              "bn-shift-id_test.png", "bn-shift-test.png"}
     assert {p.name for p in out.iterdir()} == files

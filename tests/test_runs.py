@@ -117,6 +117,7 @@ def test_bad_input_fails_before_training(small_ds, tmp_path, capsys, argv, messa
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # the MLflow client
 def test_unreachable_mlflow_server_fails_before_training(small_ds, tmp_path, capsys):
     import socket
 

@@ -77,6 +77,7 @@ def _coverage(interval, n: int, reps: int = 4000) -> float:
     return covered / reps
 
 
+@pytest.mark.slow  # a coverage simulation
 @pytest.mark.parametrize("n", [3, 5])
 def test_interval_keeps_its_level_at_small_seed_counts(n):
     assert _coverage(stats.paired_t_ci, n) >= 0.93
@@ -122,3 +123,14 @@ def test_holm_none_cap_and_step_down_stop():
     # first hypothesis fails (0.03 * 2 = 0.06) -> nothing after it is rejected even though 0.04 <= 0.05
     assert [r for _, r in stats.holm([0.03, 0.04])] == [False, False]
     assert stats.holm([]) == []
+
+
+def test_differences_without_spread_have_no_p_value_and_leave_holms_family():
+    m, b = [0.12, 0.13, 0.14], [0.1, 0.11, 0.12]  # every difference 0.02: scipy says t = inf, p = 0
+    assert stats.no_spread(m, b) and stats.paired_t_pvalue(m, b) is None
+    c = stats.compare_paired(dict(enumerate(m)), dict(enumerate(b)))
+    assert c.no_spread is True and c.p_paired_t is None
+    assert c.diff_ci95 == (pytest.approx(0.02), pytest.approx(0.02)) and c.to_dict()["no_spread"] is True
+    assert stats.holm([c.p_paired_t, 0.04]) == [(None, None), (pytest.approx(0.04), True)]
+    assert not stats.no_spread([0.3], [0.2])  # one seed: undefined for another reason
+    assert stats.compare_paired({0: 0.3, 1: 0.5}, {0: 0.2, 1: 0.3}).no_spread is False

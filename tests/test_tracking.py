@@ -1,8 +1,10 @@
 """MLflow writes from the background tracker: runs found again after a restart, replayed epochs logged once."""
 
+import pytest
 from platebench.harness.train import tracking
 
 
+@pytest.mark.slow  # an MLflow store
 def test_a_restarted_worker_reopens_its_runs_and_logs_a_replayed_epoch_once(tmp_path):
     uri = tracking.default_uri(tmp_path)
     exp = tracking.open_experiment(uri, "t")

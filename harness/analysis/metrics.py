@@ -1,7 +1,7 @@
 """Metrics on well profiles (pure functions of numpy arrays and pandas frames): biological signal with copairs
-(phenotypic activity and consistency mAP, fraction retrieved), batch mixing (silhouette by batch with
-scikit-learn, iLISI with harmonypy) and distances between feature statistics (symmetric KL, MMD).
-harness/representation.py computes the profiles and statistics they are applied to.
+(phenotypic activity and consistency mAP, fraction retrieved), batch mixing (scib's batch silhouette and graph
+connectivity, computed with scikit-learn and scipy; iLISI with harmonypy) and distances between feature statistics
+(symmetric KL, MMD). harness/analysis/representation.py computes the profiles and statistics they are applied to.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ NULL_SIZE = 10_000  # copairs null samples per (positives, total) configuration:
 MIXING_MAX_WELLS = 10_000  # silhouette and LISI are quadratic-ish: a seeded subsample above this
 LISI_PERPLEXITY = 30  # harmonypy's default (Korsunsky et al. 2019)
 LISI_DIMS = 32  # LISI on the profiles' leading principal components, as Harmony and scib compute it on PCs
+GC_NEIGHBORS = 15  # graph connectivity's kNN graph: scanpy's pp.neighbors default, which scib's graph uses
 _COPAIRS_CACHE = Path(tempfile.gettempdir()) / "platebench-copairs"  # its null distributions (default: ~/.copairs)
 
 
@@ -50,11 +51,14 @@ def activity_map(meta, features: np.ndarray, null_size: int = NULL_SIZE, seed: i
 
 
 def consistency_map(meta, features: np.ndarray) -> float | None:
-    """Mean over classes of the mAP of consensus profiles retrieving profiles of their class among profiles of
-    other classes (cosine similarity; copairs). A consensus profile is the mean of a perturbation's treated wells
-    on one plate, as JUMP scores consistency on consensus profiles: it keeps the plate and batch structure the
-    metric must see through while ranking ~50x fewer pairs than single wells (2.1 s of one core on a quickstart
-    split). None with fewer than two classes of two profiles."""
+    """Mean over classes of the mAP of consensus profiles retrieving the profiles of their class made by OTHER
+    perturbations (positives: same class, different perturbation) among profiles of other classes (negatives),
+    by cosine similarity (copairs): JUMP's consistency, where a compound must find other compounds of its
+    mechanism, so its own replicates (same perturbation) count neither way. A consensus profile is the mean of a
+    perturbation's treated wells on one plate, as JUMP scores consistency on consensus profiles: it keeps the
+    plate and batch structure the metric must see through while ranking ~50x fewer pairs than single wells
+    (2.1 s of one core on a quickstart split). Only classes with two perturbations or more are scored. None
+    without such a class, or with fewer than two classes."""
     import pandas as pd
 
     treated = ~meta["is_control"].to_numpy(bool) & (meta["label"].to_numpy() >= 0)
@@ -65,10 +69,11 @@ def consistency_map(meta, features: np.ndarray) -> float | None:
     sums = np.zeros((len(uniques), features.shape[1]))
     np.add.at(sums, codes, np.asarray(features, dtype=np.float64)[treated])
     consensus = sums / np.bincount(codes)[:, None]
-    df = pd.DataFrame({"label": [u[2] for u in uniques]})
+    df = pd.DataFrame({"perturbation": [u[1] for u in uniques], "label": [u[2] for u in uniques]})
     if df["label"].nunique() < 2:
         return None
-    ap = average_precision(df, consensus, pos_sameby=["label"], pos_diffby=[], neg_sameby=[], neg_diffby=["label"])
+    ap = average_precision(df, consensus, pos_sameby=["label"], pos_diffby=["perturbation"], neg_sameby=[],
+                           neg_diffby=["label"])
     if ap is None:
         return None
     ap = ap[ap["n_pos_pairs"] > 0]
@@ -102,16 +107,58 @@ def average_precision(meta, features: np.ndarray, pos_sameby: list[str], pos_dif
     return meta
 
 
-def silhouette_batch(features: np.ndarray, batches, seed: int = 0) -> float | None:
-    """1 - |silhouette| of the profiles labelled by batch (Euclidean; scib's convention: 1 = batches mixed,
-    0 = batches separated). None with one batch."""
-    from sklearn.metrics import silhouette_score
+def silhouette_batch(features: np.ndarray, batches, labels, seed: int = 0) -> float | None:
+    """Batch ASW as scib's `silhouette_batch` defines it (scale=True; Luecken et al. 2022, used by the JUMP
+    batch-correction benchmark): for each biological label separately, the silhouette of its profiles against
+    their batch labels (scikit-learn `silhouette_samples`, Euclidean), 1 - |s_i| per profile, averaged within
+    the label, then over labels. 1 = batches mixed within every label, 0 = separated. Labels whose profiles sit
+    in a single batch, or each in its own batch, are skipped (as scib does: no silhouette is defined there).
+    Above MIXING_MAX_WELLS profiles a seeded subsample is scored. None when no label qualifies."""
+    from sklearn.metrics import silhouette_samples
 
-    labels = np.asarray(batches)
-    if len(np.unique(labels)) < 2 or len(labels) <= len(np.unique(labels)):
+    batches, labels = np.asarray(batches), np.asarray(labels)
+    x = np.asarray(features, dtype=np.float64)
+    if len(labels) > MIXING_MAX_WELLS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(labels), MIXING_MAX_WELLS, replace=False))
+        x, batches, labels = x[keep], batches[keep], labels[keep]
+    per_label = []
+    for label in np.unique(labels):
+        members = labels == label
+        n_batches = len(np.unique(batches[members]))
+        if n_batches == 1 or n_batches == int(members.sum()):
+            continue
+        per_label.append(float(np.mean(1.0 - np.abs(silhouette_samples(x[members], batches[members])))))
+    return float(np.mean(per_label)) if per_label else None
+
+
+def graph_connectivity(features: np.ndarray, labels, n_neighbors: int = GC_NEIGHBORS, seed: int = 0
+                       ) -> float | None:
+    """Graph connectivity as scib's `graph_connectivity` defines it (Luecken et al. 2022; reported by the JUMP
+    batch-correction benchmark): on the kNN graph of all profiles (Euclidean; `n_neighbors` counting the
+    profile itself, as scanpy's `pp.neighbors` does; edges made undirected, as scanpy's connectivities are),
+    for each label the size of the largest connected component of the subgraph of that label's profiles over
+    the label's size, averaged over labels. 1 = every label's profiles form one connected neighbourhood (its
+    batches joined), lower = a label split into pieces (e.g. one per batch). scib needs scanpy's graph and
+    scib-metrics pulls jax, so the formula is computed here with scikit-learn and scipy. Above
+    MIXING_MAX_WELLS profiles a seeded subsample is scored. None with fewer than two profiles."""
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.neighbors import kneighbors_graph
+
+    labels = np.asarray(labels)
+    x = np.asarray(features, dtype=np.float64)
+    if len(labels) > MIXING_MAX_WELLS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(labels), MIXING_MAX_WELLS, replace=False))
+        x, labels = x[keep], labels[keep]
+    if len(labels) < 2:
         return None
-    size = MIXING_MAX_WELLS if len(labels) > MIXING_MAX_WELLS else None
-    return 1.0 - abs(float(silhouette_score(features, labels, sample_size=size, random_state=seed)))
+    knn = kneighbors_graph(x, min(n_neighbors - 1, len(labels) - 1), mode="connectivity", include_self=False)
+    graph = (knn + knn.T).tocsr()
+    shares = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        _, component = connected_components(graph[members][:, members], directed=False)
+        shares.append(np.bincount(component).max() / len(members))
+    return float(np.mean(shares))
 
 
 def ilisi(features: np.ndarray, batches, perplexity: float = LISI_PERPLEXITY, seed: int = 0) -> float | None:

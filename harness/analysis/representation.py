@@ -9,11 +9,14 @@ well profiles (negative-control wells included). On those profiles, per test spl
   `map_activity`: phenotypic activity, each treated well's replicates (same perturbation, any plate) ranked
   against the negative-control wells of its own plate (cosine similarity), mean over perturbations;
   `frac_retrieved`: fraction of perturbations whose activity mAP has a BH-corrected p < 0.05 (copairs' null);
-  `map_consistency`: consensus profiles (a perturbation's treated wells on one plate) of the same class ranked
-  against those of other classes, mean over classes;
-- batch mixing: `silhouette_batch` = 1 - |silhouette| of the profiles labelled by batch (scikit-learn;
-  1 = mixed, 0 = separated) and `ilisi`: mean iLISI (harmonypy's LISI) rescaled to [0, 1] by (LISI - 1) /
-  (batches - 1) (1 = every neighbourhood holds all batches in equal parts);
+  `map_consistency`: consensus profiles (a perturbation's treated wells on one plate) retrieving those of the
+  same class made by other perturbations, against those of other classes, mean over classes;
+- batch mixing, with the perturbation (controls included) as the biological label: `silhouette_batch` (scib's
+  batch ASW: per perturbation, the mean of 1 - |silhouette against batch| of its wells, then the mean over
+  perturbations; 1 = mixed, 0 = separated), `graph_connectivity` (scib's: per perturbation, the share of its
+  wells in the largest connected component of the kNN graph restricted to them, mean over perturbations) and
+  `ilisi`: mean iLISI (harmonypy's LISI) rescaled to [0, 1] by (LISI - 1) / (batches - 1) (1 = every
+  neighbourhood holds all batches in equal parts);
 - BatchNorm statistics shift (ABRA's Fig. 8): for every BN layer, its input's statistics on each test plate
   against the training plates' (`train_reference`), embedded under the same test-time rules:
   `bn_shift_kl`: symmetric KL (Jeffreys divergence, KL(p||q) + KL(q||p)) of the per-channel Gaussians N(mean,
@@ -51,6 +54,7 @@ from .metrics import (
     activity_map,
     average_precision,
     consistency_map,
+    graph_connectivity,
     ilisi,
     mmd,
     silhouette_batch,
@@ -167,8 +171,10 @@ def _split_rows(base: dict, evaluator, split: str, profiles: Profiles, shifts: l
         if activity is not None:
             values += [("all", "all", "map_activity", activity[0], n), ("all", "all", "frac_retrieved", activity[1], n)]
         values.append(("all", "all", "map_consistency", consistency_map(meta, x), n))
-        batches = meta["batch"].to_numpy()
-        values.append(("all", "all", "silhouette_batch", silhouette_batch(x, batches, seed), n))
+        batches, perturbations = meta["batch"].to_numpy(), meta["perturbation"].to_numpy()
+        values.append(("all", "all", "silhouette_batch", silhouette_batch(x, batches, perturbations, seed), n))
+        if len(set(batches)) > 1:  # one batch: nothing to join (silhouette and iLISI say None there too)
+            values.append(("all", "all", "graph_connectivity", graph_connectivity(x, perturbations, seed=seed), n))
         values.append(("all", "all", "ilisi", ilisi(x, batches, seed=seed), n))
     if shifts:
         for metric, key in (("bn_shift_kl", "kl"), ("bn_shift_mmd", "mmd")):
@@ -330,5 +336,5 @@ class _Wells:
 
 
 __all__ = ["METRICS", "PROTOCOL", "Profiles", "Representation", "activity_map", "analyze", "average_precision",
-           "consistency_map", "ilisi", "mmd", "representation_rows", "silhouette_batch", "symmetric_kl",
-           "tracking_metrics", "training_batches"]
+           "consistency_map", "graph_connectivity", "ilisi", "mmd", "representation_rows", "silhouette_batch",
+           "symmetric_kl", "tracking_metrics", "training_batches"]

@@ -23,10 +23,8 @@ def add_parser(sub):
     flags.add_split_scheme_flag(p)
     flags.add_methods_flag(p)
     flags.add_seeds_flag(p)
-    flags.add_epochs_flag(p)
-    flags.add_backbone_flag(p)
+    flags.add_model_flags(p)
     flags.add_baseline_flag(p)
-    flags.add_hparams_flag(p)
     flags.add_max_concurrent_flag(p)
     p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's quickstart-leaderboard block with the "
                                                    "test-split tables (how README.md's figures are produced)")

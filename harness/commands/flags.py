@@ -226,6 +226,20 @@ def add_trials_flag(p, default: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # how it runs
 # ---------------------------------------------------------------------------------------------
+def add_target_flags(p, required: bool = True) -> None:
+    """--data, --split-scheme, --method: what a training command trains (run, sweep, perf train/tune)."""
+    add_data_flag(p, required=required)
+    add_split_scheme_flag(p)
+    add_method_flag(p, required=required)
+
+
+def add_model_flags(p) -> None:
+    """--hparams, --epochs, --backbone: how the trained model is set up (run, sweep, bench)."""
+    add_hparams_flag(p)
+    add_epochs_flag(p)
+    add_backbone_flag(p)
+
+
 def add_ray_flags(p) -> None:
     """--address / --num-cpus: joining a cluster or sizing the local Ray, the same in every command."""
     p.add_argument("--address", help="Ray cluster address (e.g. auto on the head node); default: start a local "

@@ -1,7 +1,7 @@
 """`platebench leaderboard`: tables, tests and plots from run records.
 
     platebench leaderboard --records STORAGE [STORAGE ...] --out DIR [--baseline erm]
-                           [--selection val|val-loss|last-epoch] [--best-configs FILE]
+                           [--selection val|val-loss|last-epoch] [--best-configs FILE] [--allow-mixed-code]
 
 Prints the Markdown tables to stdout and writes leaderboard.{md,csv,json,html} plus PNG plots to DIR. Several
 --records (storage roots or bundles from `platebench export`) are merged by run id (harness/sources.py).
@@ -30,8 +30,9 @@ def add_parser(sub):
                                    "critical-difference diagram; each method's cost per run next to its accuracy. "
                                    "Several storage roots or bundles are merged by run id: a run found in several "
                                    "counts once; a run id with different numbers, or one dataset and scheme with "
-                                   "different checksums, is refused. Writes leaderboard.{md,csv,json,html} and PNGs "
-                                   "to OUT.")
+                                   "different checksums, is refused, and so are runs of one method with different code "
+                                   "identities unless --allow-mixed-code. Writes leaderboard.{md,csv,json,html} and "
+                                   "PNGs to OUT.")
     flags.add_records_flag(p, several=True)
     flags.add_out_flag(p, required=True)
     flags.add_baseline_flag(p)
@@ -41,6 +42,9 @@ def add_parser(sub):
     p.add_argument("--best-configs", metavar="FILE",
                    help=f"JSON {{method: {{\"hparams\": ..., \"trials\": N}}}} fixing each method's config "
                         f"(default: {BEST_CONFIGS} next to records/ when present)")
+    p.add_argument("--allow-mixed-code", action="store_true",
+                   help="build even when runs of one method carry different code identities (refused otherwise); "
+                        "their rows are marked")
     return p
 
 
@@ -90,7 +94,7 @@ def run(args) -> int:
     best, best_src = load_best_configs(args.records, args.best_configs)
     try:
         board = build_leaderboard(merged.records, baseline=args.baseline, rule=args.selection, best_configs=best,
-                                  sources=merged.sources, done=merged.done)
+                                  sources=merged.sources, done=merged.done, allow_mixed_code=args.allow_mixed_code)
     except HarnessError as exc:
         if best is not None and str(exc).startswith("best_configs"):
             raise HarnessError(f"{best_src}: {exc}") from None

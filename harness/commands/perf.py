@@ -34,9 +34,7 @@ def add_parser(sub):
     flags.add_repeats_flag(d, default=2)
     t = perf.add_parser("train", help="one `platebench run` epoch (Ray Train + Ray Data) vs a plain PyTorch loop "
                                       "over the same shards, training and evaluation alike")
-    flags.add_data_flag(t)
-    flags.add_split_scheme_flag(t)
-    flags.add_method_flag(t)
+    flags.add_target_flags(t, required=False)
     flags.add_hparams_flag(t)
     flags.add_backbone_flag(t)
     flags.add_seed_flag(t)
@@ -47,9 +45,7 @@ def add_parser(sub):
     flags.add_gpu_flag(t)
     flags.add_repeats_flag(t, default=1)
     u = perf.add_parser("tune", help="per-trial Tune+Train overhead vs a trial's training time")
-    flags.add_data_flag(u)
-    flags.add_split_scheme_flag(u)
-    flags.add_method_flag(u)
+    flags.add_target_flags(u, required=False)
     flags.add_trials_flag(u, default=3)
     flags.add_epochs_flag(u)  # the method's default, 10: a full quickstart trial
     flags.add_max_concurrent_flag(u)

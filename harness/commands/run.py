@@ -11,13 +11,9 @@ def add_parser(sub):
                        description="Train METHOD on the dataset's split scheme for each seed, in Ray Train lanes. Runs "
                                    "are content-addressed: the same command resumes an interrupted run and skips "
                                    "finished ones.")
-    flags.add_data_flag(p, required=True)
-    flags.add_split_scheme_flag(p)
-    flags.add_method_flag(p, required=True)
+    flags.add_target_flags(p)
     flags.add_seeds_flag(p)
-    flags.add_hparams_flag(p)
-    flags.add_epochs_flag(p)
-    flags.add_backbone_flag(p)
+    flags.add_model_flags(p)
     flags.add_max_concurrent_flag(p)
     add_launch_flags(p)
     return p

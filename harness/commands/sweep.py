@@ -12,18 +12,14 @@ def add_parser(sub):
                        description="Search METHOD's space (tune_spaces/METHOD.yaml or --space) on the validation "
                                    "split, write OUT/best_config.json and STORAGE/best_configs.json, and optionally "
                                    "rerun the best configuration on --final-seeds for the leaderboard.")
-    flags.add_data_flag(p, required=True)
-    flags.add_split_scheme_flag(p)
-    flags.add_method_flag(p, required=True)
+    flags.add_target_flags(p)
     p.add_argument("--space", metavar="FILE", help="search space YAML (default tune_spaces/METHOD.yaml)")
     flags.add_trials_flag(p, default=8)
     p.add_argument("--search", choices=["optuna", "random"], default="optuna")
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     flags.add_max_concurrent_flag(p)
     flags.add_seed_flag(p)
-    flags.add_epochs_flag(p)
-    flags.add_hparams_flag(p)
-    flags.add_backbone_flag(p)
+    flags.add_model_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     p.add_argument("--final-seeds", nargs="+", type=flags.non_negative_int,
                    help="rerun the selected configuration on these seeds")

@@ -14,6 +14,11 @@ Decisions (documented in docs/leaderboards.md):
   and one main eval setting; incomplete rows keep their numbers but get no rank and no Holm decision.
 - Each row names the runs behind it (`run_ids`) and, when the records were merged from several bundles or
   storage roots (harness/results/sources.py), the sources those runs came from (`sources`).
+- A method that trains as another (AdaBN as ERM) also gets a same-checkpoint row beside its usual one (the
+  table's `same_checkpoint`, rendered as a table under it): the paired difference variant − parent per seed,
+  both read at the parent's selected epoch (same_checkpoint.py).
+- A method whose runs carry different code identities is refused unless `allow_mixed_code`; then its rows are
+  marked (`mixed_code`: the code ids).
 - Across several (dataset, scheme, test split) blocks: an overall table per track of average ranks with a
   Friedman test and Nemenyi critical difference (harness/results/ranks.py); next to accuracy, each method's cost per
   run from the done markers (harness/results/cost.py).
@@ -32,6 +37,8 @@ from ..errors import HarnessError
 from . import cost, ranks, stats
 from .configs import choose_configs
 from .representation_tables import representation_tables
+from .same_checkpoint import KIND as SAME_CHECKPOINT
+from .same_checkpoint import SameCheckpoint
 from .selection import LEADERBOARD_RULES, selected_results
 from .tables import COLUMN_KINDS, domain_columns, rank_and_correct, seed_cells, sort_rows, source_labels, table_row
 from .vocabulary import ALL, BATCH_SIZE_SWEEP, CONTROLS_SWEEP, MAIN, is_main_overall
@@ -43,10 +50,11 @@ ALPHA = 0.05
 def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val",
                       best_configs: Mapping | None = None, alpha: float = ALPHA, *,
                       sources: Mapping[str, Sequence[str]] | None = None,
-                      done: Mapping[str, Mapping] | None = None) -> dict:
+                      done: Mapping[str, Mapping] | None = None, allow_mixed_code: bool = False) -> dict:
     """The whole leaderboard as a JSON-ready dict: {"tables": [...], "sweeps": [...], "overall": [...],
     "cost": [...], "settings": {...}}. `sources`: run_id -> the bundles/roots it came from (harness/results/sources.py);
-    `done`: run_id -> its done marker (for the cost tables)."""
+    `done`: run_id -> its done marker (for the cost tables and shared trainings); `allow_mixed_code`: build from runs
+    of one method with different code identities (their rows are marked) instead of refusing."""
     if len(records) == 0:
         raise HarnessError("no records to build a leaderboard from")
     if rule not in LEADERBOARD_RULES:
@@ -54,9 +62,15 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                            f"{', '.join(LEADERBOARD_RULES)}; 'oracle' reads test splits and is for analysis only)")
     # Plates are never columns (too many); dropping them before selection saves most of the rows.
     records = records.filter(pc.not_equal(records.column("domain_kind"), "plate"))
+    mixed = mixed_code(records)
+    if mixed and not allow_mixed_code:
+        raise HarnessError("runs of one method carry different code identities: "
+                           + "; ".join(f"{m} ({', '.join(c)})" for m, c in mixed.items())
+                           + "; build from one code version or pass --allow-mixed-code")
     selected = selected_results(records, rule, protocols=(MAIN, *SWEEP_KNOBS))
     choices = choose_configs(selected, best_configs)
-    rows = [r for r in selected.to_pylist()
+    selected_rows = selected.to_pylist()
+    rows = [r for r in selected_rows
             if r["hparams"] == choices[(r["dataset"], r["split_scheme"], r["method"], r["track"])].hparams]
     if baseline not in {r["method"] for r in rows}:
         methods = sorted({r["method"] for r in rows})
@@ -78,6 +92,7 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
             raise HarnessError(f"{ds}/{sc}: records come from different dataset versions (checksums "
                                f"{sorted(cs)}); build separate leaderboards")
 
+    same = SameCheckpoint(records, selected_rows, {r["method"] for r in rows}, done)
     tables = []
     # Order: test splits (OOD before id_*), then the validation split.
     order = sorted(by_split, key=lambda k: (k[0], k[1], by_split[k][0]["split_role"] != "test",
@@ -103,12 +118,17 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                 out_rows.append(table_row(m, track, cells[(ds, sc, split, track, m)], kind, domains, base_total,
                                           m == baseline, sources))
             for r in out_rows:
+                r["kind"] = "own-selection"
+                r["mixed_code"] = mixed.get(r["method"])
                 r.setdefault("reference", False)
                 r["is_baseline"] = r["method"] == baseline and r["track"] == base_track
                 ch = choices[(ds, sc, r["method"], r["track"])]
                 r["hparams"], r["hparams_choice"], r["trials"] = json.loads(ch.hparams), ch.to_dict(), ch.trials
                 del r["hparams_choice"]["hparams"]
             rank_and_correct(out_rows, alpha)
+            same_rows = same.rows((ds, sc, split), track, cells, methods, alpha)
+            for r in same_rows:
+                r["mixed_code"] = sorted({*mixed.get(r["method"], []), *mixed.get(r["parent"], [])}) or None
             tables.append({
                 "dataset": ds, "split_scheme": sc, "split": split, "split_role": role, "track": track,
                 "baseline": baseline, "baseline_track": base_track,
@@ -116,10 +136,13 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                 "dataset_checksum": next(iter(checksums[(ds, sc)])),
                 "code": sorted({r["code"] for r in split_rows}),
                 "seeds": sorted(base_total), "domain_kind": kind, "domains": domains,
-                "rows": sort_rows(out_rows),
+                "rows": sort_rows(out_rows), "same_checkpoint": same_rows,
             })
     representation = representation_tables(records, selected, choices, baseline, alpha, sources) \
         if rule == "val" else []
+    for t in representation:
+        for r in t["rows"]:
+            r["mixed_code"] = mixed.get(r["method"])
     overall, overall_notes = ranks.overall_ranks(tables, alpha)
     cost_out, cost_notes = cost.cost_tables(tables, done or {})
     labels = source_labels(sources)
@@ -128,6 +151,15 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
                          "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,
                                       "of": "mean paired difference vs the baseline over seeds"},
+                         "no_spread": "every seed's paired difference equal: no p-value (the t-test is undefined), "
+                                      "not in Holm's family",
+                         "same_checkpoint": {
+                             "rows": f"tables[].same_checkpoint, kind {SAME_CHECKPOINT!r}: a method that trains as "
+                                     "another minus that parent, per seed, both at the parent's selected epoch "
+                                     "(epochs); seeds without the method's records there are missing_seeds",
+                             "holm_over": "the table's complete same-checkpoint rows (their own family)",
+                             "notes": same.notes},
+                         "allow_mixed_code": allow_mixed_code, "mixed_code": mixed,
                          "std_ddof": 1, "domain_column_kinds": list(COLUMN_KINDS),
                          "sources": labels,
                          "representation": "at the best validation epoch, rule 'val' only" if rule == "val" else
@@ -144,6 +176,15 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                                   "gpu_hours": "(training_s + evaluation_s) * workers * gpus_per_worker / 3600",
                                   "shared": "a training shared by several methods is counted in full for each",
                                   "notes": cost_notes}}}
+
+
+def mixed_code(records: pa.Table) -> dict[str, list[str]]:
+    """method -> its code identities, for the methods whose runs carry more than one (the `code` field)."""
+    pairs = records.select(["method", "code"]).group_by(["method", "code"]).aggregate([]).to_pylist()
+    codes: dict = defaultdict(set)
+    for r in pairs:
+        codes[r["method"]].add(r["code"])
+    return {m: sorted(c) for m, c in sorted(codes.items()) if len(c) > 1}
 
 
 def build_sweeps(rows: list[dict]) -> list[dict]:

@@ -17,6 +17,8 @@ from platebench.datasets.storage import describe_error, filesystem, join
 from . import plots
 
 MISSING = "—"
+NO_SPREAD = "no spread"  # every seed's paired difference equal: the t-test is undefined (stats.no_spread)
+MIXED_CODE_MARK = "§"
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -33,9 +35,15 @@ def _p(p: float | None) -> str:
     return MISSING if p is None else f"{p:.3g}"
 
 
+def _p_t(r: dict) -> str:
+    return NO_SPREAD if r.get("no_spread") else _p(r["p_paired_t"])
+
+
 def _diff(r: dict) -> str:
     if r["diff_mean"] is None:
         return MISSING
+    if r.get("no_spread"):
+        return f"{100 * r['diff_mean']:+.1f} ({NO_SPREAD})"
     ci = r["diff_ci95"]
     ci_s = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
     return f"{100 * r['diff_mean']:+.1f}{ci_s}"
@@ -47,6 +55,8 @@ def _method(r: dict) -> str:
         return f"{name} ({r['track']} track, baseline)"
     if r.get("is_baseline"):
         name += " (baseline)"
+    if r.get("mixed_code"):
+        name += f" {MIXED_CODE_MARK}"
     return name if r["complete"] else name + " †"
 
 
@@ -64,9 +74,47 @@ def table_matrix(t: dict, source_ids: dict[str, str] | None = None) -> tuple[lis
     for r in t["rows"]:
         doms = [_cell(**{k: r["domains"][d][k] for k in ("mean", "std", "n")}) for d in t["domains"]]
         body.append([str(r["rank"]) if r["rank"] is not None else MISSING, _method(r), *doms,
-                     _cell(r["mean"], r["std"], r["n"]), _diff(r), _p(r["p_paired_t"]), _p(r["p_wilcoxon"]),
+                     _cell(r["mean"], r["std"], r["n"]), _diff(r), _p_t(r), _p(r["p_wilcoxon"]),
                      _holm(r)] + ([_sources(r, source_ids)] if source_ids else []))
     return head, body
+
+
+def same_checkpoint_matrix(t: dict) -> tuple[list[str], list[list[str]]]:
+    """The same-checkpoint rows of one table: a method that trains as another minus that parent, per seed, both
+    read at the parent's selected epoch (harness/results/same_checkpoint.py)."""
+    head = ["Method", "Same checkpoint as", "Epochs (seed: parent's selected epoch)", "Total at those epochs",
+            "Parent's Total", "Δ vs parent (pp) [95% t-CI]", "p (paired t)", "p (Wilcoxon)", "Holm", "Missing seeds"]
+    body = []
+    for r in t.get("same_checkpoint", []):
+        name = r["method"] + (f" {MIXED_CODE_MARK}" if r.get("mixed_code") else "") + ("" if r["complete"] else " †")
+        body.append([name, r["parent"], ", ".join(f"{s}: {e}" for s, e in r["epochs"].items()) or MISSING,
+                     _cell(r["mean"], r["std"], r["n"]), _cell(r["parent_mean"], r["parent_std"], r["n"]),
+                     _diff(r), _p_t(r), _p(r["p_wilcoxon"]), _holm(r),
+                     ", ".join(sorted(r["missing_seeds"], key=int)) or MISSING])
+    return head, body
+
+
+def same_checkpoint_title(t: dict) -> str:
+    return f"Same checkpoint · {plots.table_title(t)}"
+
+
+def same_checkpoint_notes(t: dict) -> list[str]:
+    notes = ["Same checkpoint: each method here trains as its parent (one training, one set of weights); the "
+             "difference is taken per seed with both read at the parent's selected epoch for that seed, so epoch "
+             "selection does not enter it (the table above reads each at its own selected epoch). Holm over this "
+             "table's complete same-checkpoint rows."]
+    notes += [f"† {r['method']} seed {s}: {why}." for r in t.get("same_checkpoint", [])
+              for s, why in sorted(r["missing_seeds"].items(), key=lambda x: int(x[0]))]
+    notes += _spread_and_code_notes(t.get("same_checkpoint", []))
+    return notes
+
+
+def _spread_and_code_notes(rows: list[dict]) -> list[str]:
+    notes = [f"{r['method']}: {NO_SPREAD}: every seed's difference is the same, so the paired t-test is undefined "
+             "(no p-value, not in Holm's family)." for r in rows if r.get("no_spread")]
+    notes += [f"{MIXED_CODE_MARK} {r['method']}: runs of different code identities ({', '.join(r['mixed_code'])}), "
+              "allowed by --allow-mixed-code." for r in rows if r.get("mixed_code")]
+    return notes
 
 
 def _num3(x: float | None) -> str:
@@ -81,9 +129,9 @@ def representation_matrix(t: dict) -> tuple[list[str], list[list[str]]]:
         doms = [f"{_num3(r['domains'][d]['mean'])} ± {_num3(r['domains'][d]['std'])}" for d in t["domains"]]
         ci = r["diff_ci95"]
         diff = MISSING if r["diff_mean"] is None else f"{r['diff_mean']:+.3g}" + (
-            f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
+            f" ({NO_SPREAD})" if r.get("no_spread") else f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else "")
         body.append([str(r["rank"]) if r["rank"] is not None else MISSING, _method(r), *doms,
-                     f"{_num3(r['mean'])} ± {_num3(r['std'])} ({r['n']})", diff, _p(r["p_paired_t"]), _holm(r)])
+                     f"{_num3(r['mean'])} ± {_num3(r['std'])} ({r['n']})", diff, _p_t(r), _holm(r)])
     return head, body
 
 
@@ -215,6 +263,7 @@ def _table_notes(t: dict) -> list[str]:
     if t["split_role"] == "val" and sel["rule"] == "val":
         notes.append("Validation accuracy at the epoch it selected: optimistic by construction.")
     notes += [f"† {r['method']}: {'; '.join(r['incomplete_reasons'])}." for r in t["rows"] if not r["complete"]]
+    notes += _spread_and_code_notes(t["rows"])
     return notes
 
 
@@ -240,7 +289,10 @@ def to_markdown(board: dict) -> str:
              f"difference in percentage points with its {s['interval']['method']} {s['interval']['confidence']:.0%} "
              f"interval, two-sided paired t-test, "
              f"two-sided Wilcoxon signed-rank test. Holm: `*` = significant at α = {s['alpha']} after Holm "
-             "correction over the table's complete rows. † = incomplete: no rank, no Holm decision.", ""]
+             "correction over the table's complete rows. † = incomplete: no rank, no Holm decision. "
+             f"`{NO_SPREAD}` = every seed's difference is the same: no p-value, not in Holm's family. "
+             f"{MIXED_CODE_MARK} = runs of different code identities (--allow-mixed-code). A method that trains as "
+             "another also gets a same-checkpoint table: both read at the parent's selected epoch.", ""]
     ids = source_ids(board)
     if note := sources_note(board):
         lines += [note, ""]
@@ -248,6 +300,9 @@ def to_markdown(board: dict) -> str:
         lines += [f"## {plots.table_title(t)}", ""]
         lines += md_table(*table_matrix(t, ids))
         lines += ["", *[f"- {n}" for n in _table_notes(t)], ""]
+        if t.get("same_checkpoint"):
+            lines += [f"### {same_checkpoint_title(t)}", "", *md_table(*same_checkpoint_matrix(t)), ""]
+            lines += [*[f"- {n}" for n in same_checkpoint_notes(t)], ""]
     for sw in board["sweeps"]:
         what = "test batch size" if sw["parameter"] == "eval_batch_size" else "number of controls"
         lines += [f"## {sw['dataset']} · {sw['split_scheme']} · {sw['split']} · {sw['track']} track: "
@@ -285,11 +340,13 @@ def to_markdown(board: dict) -> str:
 CSV_FIELDS = ["dataset", "split_scheme", "split", "split_role", "track", "baseline", "baseline_track",
               "selection_rule", "selection_split", "method", "row_track", "reference", "column", "domain_kind",
               "mean", "std", "n", "per_seed", "diff_mean", "diff_ci95_lo", "diff_ci95_hi", "p_paired_t",
-              "p_wilcoxon", "p_holm", "significant_holm", "complete", "rank", "hparams", "trials", "sources"]
+              "p_wilcoxon", "p_holm", "significant_holm", "complete", "rank", "hparams", "trials", "sources",
+              "row_kind", "compared_with", "epochs", "no_spread", "mixed_code"]
 
 
 def to_csv(board: dict) -> str:
-    """Long format: one line per (table, method, column); the tests are on the Total line only."""
+    """Long format: one line per (table, method, column); the tests are on the Total line only. Same-checkpoint rows
+    (`row_kind` same-checkpoint, `compared_with` the parent, `epochs` the parent's) have their Total line only."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
@@ -300,7 +357,10 @@ def to_csv(board: dict) -> str:
                 "selection_split": t["selection"]["split"]}
         for r in t["rows"]:
             common = {**base, "method": r["method"], "row_track": r["track"], "reference": r["reference"],
-                      "complete": r["complete"], "rank": r["rank"], "sources": json.dumps(r.get("sources", []))}
+                      "complete": r["complete"], "rank": r["rank"], "sources": json.dumps(r.get("sources", [])),
+                      "row_kind": r.get("kind", "own-selection"), "epochs": json.dumps(r["epochs"]),
+                      "compared_with": None if r["is_baseline"] else t["baseline"],
+                      "mixed_code": json.dumps(r.get("mixed_code"))}
             for d in t["domains"]:
                 c = r["domains"][d]
                 w.writerow({**common, "column": d, "domain_kind": t["domain_kind"], "mean": c["mean"],
@@ -311,7 +371,18 @@ def to_csv(board: dict) -> str:
                         "diff_ci95_lo": ci[0], "diff_ci95_hi": ci[1], "p_paired_t": r["p_paired_t"],
                         "p_wilcoxon": r["p_wilcoxon"], "p_holm": r["p_holm"],
                         "significant_holm": r["significant_holm"],
-                        "hparams": json.dumps(r["hparams"], sort_keys=True), "trials": r["trials"]})
+                        "hparams": json.dumps(r["hparams"], sort_keys=True), "trials": r["trials"],
+                        "no_spread": r["no_spread"]})
+        for r in t.get("same_checkpoint", []):
+            ci = r["diff_ci95"] or [None, None]
+            w.writerow({**base, "method": r["method"], "row_track": r["track"], "reference": False,
+                        "column": "Total", "domain_kind": "all", "mean": r["mean"], "std": r["std"], "n": r["n"],
+                        "per_seed": json.dumps(r["per_seed"]), "diff_mean": r["diff_mean"],
+                        "diff_ci95_lo": ci[0], "diff_ci95_hi": ci[1], "p_paired_t": r["p_paired_t"],
+                        "p_wilcoxon": r["p_wilcoxon"], "p_holm": r["p_holm"],
+                        "significant_holm": r["significant_holm"], "complete": r["complete"], "rank": None,
+                        "row_kind": r["kind"], "compared_with": r["parent"], "epochs": json.dumps(r["epochs"]),
+                        "no_spread": r["no_spread"], "mixed_code": json.dumps(r.get("mixed_code"))})
     return buf.getvalue()
 
 
@@ -412,7 +483,12 @@ def to_html(board: dict, pngs: dict[str, bytes]) -> str:
             where = dict(dataset=t["dataset"], split_scheme=t["split_scheme"], split=t["split"], track=tr)
             parts.append(f"<h3>{html.escape(plots.table_title(t))}</h3>"
                          f"{_html_table(*table_matrix(t, ids), table='leaderboard', **where)}"
-                         f"{_ul(_table_notes(t))}{img(acc_png(t), 'accuracy')}")
+                         f"{_ul(_table_notes(t))}")
+            if t.get("same_checkpoint"):
+                parts.append(f"<h4>{html.escape(same_checkpoint_title(t))}</h4>"
+                             f"{_html_table(*same_checkpoint_matrix(t), table='same-checkpoint', **where)}"
+                             f"{_ul(same_checkpoint_notes(t))}")
+            parts.append(img(acc_png(t), "accuracy"))
         for s in board["sweeps"]:
             if s["track"] != tr:
                 continue

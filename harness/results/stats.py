@@ -51,6 +51,7 @@ class PairedComparison:
     p_paired_t: float | None
     p_wilcoxon: float | None
     diff_ci95: tuple[float, float] | None
+    no_spread: bool  # every paired difference is the same (n >= 2): the t-test is undefined, p_paired_t is None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -59,11 +60,18 @@ class PairedComparison:
         return d
 
 
+def no_spread(method: Sequence[float], baseline: Sequence[float]) -> bool:
+    """Whether n >= 2 paired differences are all the same (up to float rounding): the paired t statistic is then
+    0/0 or ±inf, and scipy's p (NaN or 0.0) is no evidence either way."""
+    diffs = np.asarray(method, dtype=float) - np.asarray(baseline, dtype=float)
+    return diffs.size >= 2 and bool(np.ptp(diffs) <= 1e-12)
+
+
 def paired_t_pvalue(method: Sequence[float], baseline: Sequence[float]) -> float | None:
-    """Two-sided paired t-test (scipy.stats.ttest_rel). None for n < 2 and where scipy gives NaN
-    (every difference identical to the others and zero: no variance, no evidence either way).
-    Constant non-zero differences give t = ±inf and scipy's p = 0.0, which is kept as scipy reports it."""
-    if len(method) < 2:
+    """Two-sided paired t-test (scipy.stats.ttest_rel). None for n < 2 and for differences without spread
+    (`no_spread`): scipy answers NaN for all-zero differences and p = 0.0 for constant non-zero ones (t = ±inf),
+    which would read as certain significance from seeds that vary together, e.g. identical seeds."""
+    if len(method) < 2 or no_spread(method, baseline):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns on zero-variance differences
@@ -114,6 +122,7 @@ def compare_paired(method: Mapping[int, float], baseline: Mapping[int, float]) -
         p_paired_t=paired_t_pvalue(m, b),
         p_wilcoxon=wilcoxon_pvalue(m, b),
         diff_ci95=paired_t_ci(m, b),
+        no_spread=no_spread(m, b),
     )
 
 

@@ -75,7 +75,7 @@ def table_row(method: str, track: str, cell: Mapping, kind: str | None, domains:
         "images": sorted({r["n"] for r in total_rows.values()}),
         "domains": doms,
         "n_paired": None, "diff_mean": None, "p_paired_t": None, "p_wilcoxon": None, "diff_ci95": None,
-        "p_holm": None, "significant_holm": None,
+        "no_spread": False, "p_holm": None, "significant_holm": None,
         "complete": not reasons, "incomplete_reasons": reasons, "rank": None,
         "run_ids": sorted({r["run_id"] for r in total_rows.values()}),
         "sources": _row_sources(total_rows.values(), sources),
@@ -83,7 +83,8 @@ def table_row(method: str, track: str, cell: Mapping, kind: str | None, domains:
     if base_total is not None and not is_baseline:
         cmp = stats.compare_paired(per_seed, base_total)
         row.update(n_paired=cmp.n_paired, diff_mean=cmp.diff_mean, p_paired_t=cmp.p_paired_t,
-                   p_wilcoxon=cmp.p_wilcoxon, diff_ci95=list(cmp.diff_ci95) if cmp.diff_ci95 else None)
+                   p_wilcoxon=cmp.p_wilcoxon, diff_ci95=list(cmp.diff_ci95) if cmp.diff_ci95 else None,
+                   no_spread=cmp.no_spread)
     return row
 
 
@@ -98,7 +99,8 @@ def _row_sources(total_rows, sources: Mapping[str, Sequence[str]] | None) -> lis
 
 
 def rank_and_correct(rows: list[dict], alpha: float) -> None:
-    """Competition ranking (1, 2, 2, 4) of complete rows by mean Total; Holm over their t-tests."""
+    """Competition ranking (1, 2, 2, 4) of complete rows by mean Total; Holm over their t-tests (a row without a
+    p-value, e.g. differences without spread, is not in the family)."""
     ranked = [r for r in rows if r["complete"] and not r.get("reference") and r["mean"] is not None]
     ranked.sort(key=lambda r: -r["mean"])
     for i, r in enumerate(ranked):

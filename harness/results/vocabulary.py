@@ -25,11 +25,11 @@ DOMAIN_KINDS = (ALL, *MANIFEST_DOMAIN_KINDS)
 # metric, and whether higher is better (tables rank by it)
 ACCURACY = "accuracy"
 LOSS = "loss"
-REPRESENTATION_METRICS = ("map_activity", "frac_retrieved", "map_consistency", "silhouette_batch", "ilisi",
-                          "bn_shift_kl", "bn_shift_mmd")
+REPRESENTATION_METRICS = ("map_activity", "frac_retrieved", "map_consistency", "silhouette_batch",
+                          "graph_connectivity", "ilisi", "bn_shift_kl", "bn_shift_mmd")
 HIGHER_IS_BETTER = {ACCURACY: True, LOSS: False, "map_activity": True, "frac_retrieved": True,
-                    "map_consistency": True, "silhouette_batch": True, "ilisi": True, "bn_shift_kl": False,
-                    "bn_shift_mmd": False}
+                    "map_consistency": True, "silhouette_batch": True, "graph_connectivity": True, "ilisi": True,
+                    "bn_shift_kl": False, "bn_shift_mmd": False}
 METRICS = (ACCURACY, LOSS, *REPRESENTATION_METRICS)
 
 __all__ = ["ACCURACY", "ALL", "BATCH_SIZE_SWEEP", "CONTROLS_SWEEP", "DOMAIN_KINDS", "HIGHER_IS_BETTER", "LOSS", "MAIN",

@@ -27,7 +27,7 @@ from .jobs import Job
 from .lane import Lane
 from .run_done import finish_run
 from .runspec import RunSpec, task_spec
-from .selectable_epochs import evaluate_selectable
+from .selectable_epochs import evaluate_selectable, selection
 
 
 def run_job(job: Job, lane: Lane, queue) -> list[dict]:
@@ -60,9 +60,14 @@ def run_job(job: Job, lane: Lane, queue) -> list[dict]:
     for spec in todo:  # protocols that missed epochs (added later, or replayed): from the kept weights
         _catch_up(state, spec, protocols[spec.run_id], evaluators[spec.run_id], epochs)
     _record_placement(state, todo)
+    # Every run sharing this training is also tested at the others' selectable epochs, so a variant (AdaBN)
+    # can be compared with its parent (ERM) on the same checkpoint (harness/results/same_checkpoint.py).
+    selections = {spec.run_id: selection(state, spec, epochs) for spec in job.runs}
+    shared = sorted({e for s in selections.values() for e in s["chosen"]})
     results = []
     for spec in todo:
-        selected = evaluate_selectable(state, spec, protocols[spec.run_id], evaluators[spec.run_id], epochs)
+        selected = evaluate_selectable(state, spec, protocols[spec.run_id], evaluators[spec.run_id], epochs,
+                                       selections[spec.run_id], shared)
         results.append(finish_run(state, spec, selected, epochs) if lane.rank == 0 else {})
     lane.tracker.close(t.training_id)
     lane.tracker.flush()

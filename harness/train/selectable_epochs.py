@@ -40,14 +40,15 @@ def selection(state: JobState, spec: RunSpec, epochs: int) -> dict:
     return all_gather_objects([out])[0]
 
 
-def evaluate_selectable(state: JobState, spec: RunSpec, method: Method, evaluator: Evaluator, epochs: int) -> dict:
-    """Test splits, TTA sweeps and representation at `spec`'s selectable epochs (`epochs`: those the training
-    ran); returns the selection (see `selection`)."""
+def evaluate_selectable(state: JobState, spec: RunSpec, method: Method, evaluator: Evaluator, epochs: int,
+                        selected: dict, shared_epochs: list[int]) -> dict:
+    """Test splits at `spec`'s selectable epochs (`selected`, from `selection`; `epochs`: those the training ran)
+    and at `shared_epochs` (those of every run sharing its training); the TTA sweeps and the representation
+    analysis at its own. Returns `selected`."""
     lane = state.lane
-    selected = selection(state, spec, epochs)
     chosen, best = selected["chosen"], selected["best"]
     state.progress(epochs, f"test splits of {spec.method}")
-    for epoch in chosen:
+    for epoch in sorted(set(chosen) | set(shared_epochs)):
         method.load_state_dict(state.store.load_weights(epoch, lane.device))
         rows = state.timed_eval(spec.run_id, evaluator.main, method, epoch, evaluator.test_splits)
         state.write(spec, epoch, rows, kind="tests")
