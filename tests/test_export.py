@@ -42,6 +42,14 @@ def _files(root: Path) -> dict[str, Path]:
     return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
 
 
+def _rehash(bundle: Path) -> None:
+    """What a tamperer does after editing a bundle: list the edited files' new sha256 in bundle.json."""
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["files"] = {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in _files(bundle).items()
+                     if n != "bundle.json"}
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+
+
 def test_the_bundle_holds_data_only(trained, bundle):
     storage, _ = trained
     # the storage root has weights (and the exporter had to leave them behind)
@@ -166,8 +174,37 @@ def test_merging_bundles_collapses_duplicates_and_refuses_conflicts(trained, bun
     t = pq.read_table(f)
     t = t.set_column(t.schema.get_field_index("value"), "value", pc.add(t.column("value"), 0.01))
     pq.write_table(t, f)
+    _rehash(forged)  # else the bundle's own checksums refuse it before merging (test_a_bundle_edited_after_export...)
     with pytest.raises(HarnessError, match=f"run {f.parent.name}: {erm_only} and {forged} hold different numbers"):
         sources.load([str(erm_only), str(forged)])
+
+
+def test_a_bundle_edited_after_export_is_refused_by_leaderboard(bundle, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle, edited)
+    f = sorted(edited.glob("records/erm-s0-*/epoch-00001.parquet"))[0]
+    t = pq.read_table(f)
+    pq.write_table(t.set_column(t.schema.get_field_index("value"), "value", pc.add(t.column("value"), 0.01)), f)
+    rel = f.relative_to(edited).as_posix()
+    assert main(["leaderboard", "--records", str(edited), "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{edited}: file {rel}: sha256 differs from bundle.json 'files'" in err[0]
+    assert not (tmp_path / "lb" / "leaderboard.json").exists()
+
+
+def test_a_spec_edited_and_rehashed_no_longer_names_its_run(bundle, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    shutil.copytree(bundle, edited)
+    spec_path = sorted(edited.glob("runs/erm-s0-*/spec.json"))[0]
+    run = spec_path.parent.name
+    spec = json.loads(spec_path.read_text())
+    spec["seed"] = 7  # claim another seed for these numbers
+    spec_path.write_text(json.dumps(spec))
+    _rehash(edited)
+    assert main(["validate", str(edited)]) == 2
+    err = capsys.readouterr().err
+    assert f"run {run}: field 'seed': spec.json hashes to run id erm-s7-" in err and f"not {run}" in err
+    assert "sha256" not in err  # the rehash hid the edit from the checksums; the run id did not
 
 
 def test_cost_figures_equal_a_hand_computation_from_done_json(trained):

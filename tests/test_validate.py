@@ -65,6 +65,28 @@ def test_missing_test_records_missing_done_markers_and_duplicates_are_named(fini
     assert "same dataset, scheme, method, hparams, seed and code as run" in err
 
 
+def test_a_spec_that_does_not_hash_to_its_run_id_is_named(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "out")
+    (spec_path,) = out.glob("runs/*/spec.json")
+    run = spec_path.parent.name
+    spec = json.loads(spec_path.read_text())
+    spec["seed"] = 5
+    spec_path.write_text(json.dumps(spec))
+    assert main(["validate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"run {run}: field 'seed': spec.json hashes to run id erm-s5-" in err and f"not {run}" in err
+    assert "done.json 'spec'" not in err  # the marker's copy is still the run's
+    # records filed under the run but carrying another run id
+    out2 = _copy(finished, tmp_path / "out2")
+    (epoch_file,) = out2.glob(f"records/{run}/epoch-00001.parquet")
+    t = pq.read_table(epoch_file)
+    pq.write_table(t.set_column(t.schema.get_field_index("run_id"), "run_id", pa.array(["erm-s0-0123456789ab"] * len(
+        t))), epoch_file)
+    assert main(["validate", str(out2)]) == 2
+    assert f"run {run}: field 'run_id': records/{run}/ holds records of run(s) erm-s0-0123456789ab" in (
+        capsys.readouterr().err)
+
+
 def test_configuration_files_are_checked_by_the_commands_own_readers(tmp_path, capsys):
     suite = tmp_path / "s.yaml"
     suite.write_text("name: x\ndataset: {preset: tiny}\nsplit_scheme: new_batches\nmethods: [erm]\nseeds: [a]\n")

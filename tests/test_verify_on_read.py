@@ -42,6 +42,15 @@ def _edit_splits(root, **splits):
     return path
 
 
+def test_channel_statistics_refuse_a_part_that_fails_its_checksum(tmp_path):
+    from platebench.harness.data.channel_stats import channel_stats
+
+    root = build_tiny_dataset(tmp_path / "ds")
+    part = _change_one_pixel(root, open_dataset(root).manifest.plates_for("new_batches", "train")[0])
+    with pytest.raises(DatasetError, match=f"{part.path}: checksum mismatch"):
+        channel_stats(open_dataset(root), "new_batches", "train")
+
+
 # ---- (a) the stream verifies what it reads -----------------------------------------------------------------
 @pytest.mark.usefixtures("ray_session")
 def test_stream_refuses_a_part_that_still_decodes_but_fails_its_checksum(tmp_path):
@@ -104,10 +113,10 @@ def test_run_on_a_damaged_training_part_exits_2_without_done_marker_or_records(t
 # ---- (c) inspect --verify -------------------------------------------------------------------------------------
 def test_inspect_verify_exits_2_on_a_part_that_still_decodes(tmp_path, capsys):
     root = build_tiny_dataset(tmp_path / "ds")
-    assert main(["inspect", root, "--verify"]) == 0
+    assert main(["inspect", "--data", root, "--verify"]) == 0
     capsys.readouterr()
     part = _change_one_pixel(root, "b2p1")
-    assert main(["inspect", root, "--verify"]) == 2
+    assert main(["inspect", "--data", root, "--verify"]) == 2
     err = capsys.readouterr().err
     damaged = [ln for ln in err.splitlines() if ln.startswith("DAMAGED")]
     assert len(damaged) == 1 and part.path in damaged[0] and "plate b2p1" in damaged[0]

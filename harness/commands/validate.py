@@ -10,7 +10,8 @@ def add_parser(sub):
                                         "result bundles",
                        description="One line per problem naming the file, run and field; exit 2 when any. A folder "
                                    "is a storage root holding records/ and runs/ (records schema and vocabulary, "
-                                   "complete runs, selection recomputed from the validation records, no duplicates, "
+                                   "complete runs, selection recomputed from the validation records, every run id "
+                                   "recomputed from its spec.json, no duplicates, "
                                    "every seed of a method evaluated on the same splits and domains) or a result "
                                    "bundle from `platebench export` (also: data files only, checksums as listed, "
                                    "dataset checksums known, every split of the scheme evaluated). --json writes "

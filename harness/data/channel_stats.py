@@ -29,7 +29,7 @@ def channel_stats(ds: ShardDataset, scheme: str, split: str, cache: PartCache | 
         for part in m.parts_of(plate):
             table = cache.get(part.path) if cache is not None else None
             if table is None:
-                table = ds.read_part(part)
+                table = ds.read_part(part, verify=True)  # the sha256 check the stream's reads make
             table = table.filter(expr & ((pc.field("label") >= 0) | pc.field("is_control")))
             if not table.num_rows:
                 continue

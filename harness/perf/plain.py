@@ -1,9 +1,10 @@
 """The baselines the perf commands measure Ray against: the same shards, re-batching and conversion, no Ray.
 
 `PlainPlateStream` is the harness's `PlateStream` with one change: parts are read with plain pyarrow
-(`ShardDataset.read_part`) by a thread pool instead of Ray Data read tasks. Planning, plate order,
-masks, the `Rebatcher` (plate-pure, several plates per step, mixed) and `batching.to_batch` are the
-stream's own, so both deliver the same batches and the difference in time is what Ray Data costs.
+(`ShardDataset.read_part`, each part's sha256 verified as the stream verifies it) by a thread pool instead of
+Ray Data read tasks. Planning, plate order, masks, the `Rebatcher` (plate-pure, several plates per step, mixed)
+and `batching.to_batch` are the stream's own, so both deliver the same batches and the difference in time is
+what Ray Data costs.
 
 `PlateDataset` is what a user would write with PyTorch alone: a map-style `torch.utils.data.Dataset`
 whose item i is every batch of plate i (read with pyarrow, re-batched and converted as above), served by
@@ -52,7 +53,7 @@ class PlainPlateStream(PlateStream):
         todo = iter(parts)
         try:
             for part in todo:
-                pending.append(pool.submit(self.ds.read_part, part, retries=self.config.read_retries))
+                pending.append(pool.submit(self.ds.read_part, part, verify=True, retries=self.config.read_retries))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -93,7 +94,7 @@ class PlateDataset(torch.utils.data.Dataset):
             raise ValueError("PlateDataset serves plate-pure batches of one plate per step")
         rb = Rebatcher(s.config.rebatch_spec(self.epoch))
         for part in s.parts([plate], self.epoch):
-            block = s.ds.read_part(part, retries=s.config.read_retries)
+            block = s.ds.read_part(part, verify=True, retries=s.config.read_retries)
             qmask, cmask = s.masks(block)
             rb.push(block, qmask, cmask)
         rb.finish()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -55,6 +56,9 @@ from .records import read_records, validate
 BUNDLE_FORMAT = "platebench-bundle"
 BUNDLE_VERSION = 1
 RUN_FILES = (SPEC_FILE, DONE_FILE)  # the only run files a bundle holds
+# The only files a bundle holds: anything else, weights and pickles above all, is refused by `platebench validate`.
+BUNDLE_PATHS = re.compile(rf"^({re.escape(BUNDLE_FILE)}|{RECORDS_DIR}/[^/]+/epoch-\d+(\.[a-z]+)?\.parquet"
+                          rf"|{RUNS_DIR}/[^/]+/({'|'.join(map(re.escape, RUN_FILES))}))$")
 
 
 def _version(dist: str) -> str | None:
@@ -213,3 +217,25 @@ def read_bundle(url: str, options: StorageOptions | None = None) -> dict:
 def is_bundle(url: str, options: StorageOptions | None = None) -> bool:
     fs, root = filesystem(storage_root(url), options)
     return bool(with_retries(lambda: fs.exists(join(root, BUNDLE_FILE)), f"reading {url}"))
+
+
+def verify_files(url: str, bundle: dict, options: StorageOptions | None = None) -> list[str]:
+    """One line per data file of the bundle (records, specs, done markers) whose sha256 is not the one bundle.json
+    lists, that bundle.json does not list, or that it lists but is missing: every reader of a bundle checks this
+    before using it (a records file edited after export is refused, not read)."""
+    fs, root = filesystem(storage_root(url), options)
+    listed = bundle["files"]
+    found = with_retries(lambda: fs.find(root), f"listing {url}")
+    problems, present = [], set()
+    for path in sorted(found):
+        rel = path[len(root):].lstrip("/")
+        present.add(rel)
+        if rel == BUNDLE_FILE or not BUNDLE_PATHS.match(rel):
+            continue  # bundle.json itself; other files are no bundle's (validate names them)
+        want = listed.get(rel)
+        if want is None:
+            problems.append(f"file {rel}: not listed in bundle.json 'files'")
+        elif hashlib.sha256(with_retries(lambda p=path: fs.cat_file(p), f"reading {path}")).hexdigest() != want:
+            problems.append(f"file {rel}: sha256 differs from bundle.json 'files' (changed after export)")
+    missing = sorted(set(listed) - present)
+    return problems + [f"file {rel}: listed in bundle.json 'files' but missing" for rel in missing]

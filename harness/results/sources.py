@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from platebench.datasets.storage import StorageOptions, join
+from platebench.datasets.storage import StorageOptions
 
 from ..errors import HarnessError
-from .layout import BUNDLE_FILE, EPOCH_FILES, RECORDS_DIR, read_done_markers, read_json, storage_root
+from .bundle import is_bundle, read_bundle, verify_files
+from .layout import EPOCH_FILES, RECORDS_DIR, read_done_markers, storage_root
 from .records import RECORD_SCHEMA, read_records
 
 # The columns that say which number a record row is (everything but the number itself).
@@ -38,11 +39,17 @@ class Source:
 
 def read_source(url: str, options: StorageOptions | None = None) -> Source:
     root = storage_root(url)
+    bundle = None
+    if is_bundle(root, options):  # every file checked against bundle.json before any is used
+        bundle = read_bundle(root, options)
+        problems = verify_files(root, bundle, options)
+        if problems:
+            more = f" (and {len(problems) - 1} more: `platebench validate {url}` lists them)"
+            raise HarnessError(f"{url}: {problems[0]}{more if len(problems) > 1 else ''}")
     records = read_records(root, options)
     if len(records) == 0:
         raise HarnessError(f"no records under {url} (expected {RECORDS_DIR}/<run_id>/{EPOCH_FILES})")
     run_ids = pc.unique(records.column("run_id")).to_pylist()
-    bundle = read_json(join(root, BUNDLE_FILE), options, required=False)
     return Source(url, root, records, read_done_markers(root, run_ids, options), bundle)
 
 

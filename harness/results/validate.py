@@ -5,22 +5,22 @@
 - a records folder (a storage root holding records/ and runs/): every record row against the schema and its
   vocabulary; every run complete (a done marker; validation at every epoch of its training; the test splits
   at every epoch a selection rule can choose); the epoch the run claims to have selected equal to the one
-  recomputed from its records (from the validation split only); no two run ids with one identity; every run of
-  a (dataset, scheme, method, hparams) group evaluated on the same splits and domains as the others;
-- a bundle (a records folder with bundle.json, harness/results/bundle.py): all of the above, plus bundle.json readable;
-  only bundle files (records, run specs, done markers: never weights, checkpoints or pickles), each with the
-  sha256 bundle.json lists; the runs bundle.json lists equal to those present; every run's dataset checksum
-  listed among the bundle's datasets; every run evaluated on every split of its scheme (when the bundle has
-  the scheme's definition);
+  recomputed from its records (from the validation split only); every run id recomputed from its spec.json
+  (and the copy in done.json: a spec edited after the run hashes to another id, which a rehashed bundle.json
+  cannot hide) and every records/<run_id>/ holding that run's records only; no two run ids with one identity;
+  every run of a (dataset, scheme, method, hparams) group evaluated on the same splits and domains as the others;
+- a bundle (a records folder with bundle.json, harness/results/bundle.py): all of the above, plus bundle.json
+  readable; only bundle files (records, run specs, done markers: never weights, checkpoints or pickles), each
+  with the sha256 bundle.json lists (bundle.verify_files, which `leaderboard --records` checks too); the runs
+  bundle.json lists equal to those present; every run's dataset checksum listed among the bundle's datasets;
+  every run evaluated on every split of its scheme (when the bundle has the scheme's definition);
 - with `--manifest URL` (a dataset root or its manifest.json), for records folders and bundles: every run on
   that dataset has its checksum, and every run is evaluated on every split of its scheme in that manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +28,9 @@ from pathlib import Path
 from platebench.datasets.storage import StorageOptions, filesystem, join, with_retries
 
 from ..errors import USER_ERRORS, HarnessError
-from .bundle import RUN_FILES, is_bundle, read_bundle
-from .layout import BUNDLE_FILE, DONE_FILE, RECORDS_DIR, RUNS_DIR, read_done, run_file, storage_root
+from ..train.run_identity import run_id_of
+from .bundle import BUNDLE_PATHS, is_bundle, read_bundle, verify_files
+from .layout import DONE_FILE, RECORDS_DIR, RUNS_DIR, SPEC_FILE, read_done, read_run_json, storage_root
 from .vocabulary import ACCURACY, MAIN
 
 
@@ -108,9 +109,10 @@ def _check_records(url: str, options: StorageOptions | None) -> tuple[list[str],
         identities.setdefault(identity, run_id)
         done = read_done(storage_root(url), run_id, options)
         if done is None:
-            problems.append(f"run {run_id}: no done marker ({run_file(RUNS_DIR, run_id, DONE_FILE)}): the run is "
+            problems.append(f"run {run_id}: no done marker ({RUNS_DIR}/{run_id}/{DONE_FILE}): the run is "
                             "incomplete")
             continue
+        problems += _identity_problems(url, run_id, rows, done, options)
         val = overall(rows, role="val")
         if not val:
             problems.append(f"run {run_id}: field 'split_role': no validation records")
@@ -134,7 +136,67 @@ def _check_records(url: str, options: StorageOptions | None) -> tuple[list[str],
         if claimed is not None and claimed != recomputed:
             problems.append(f"run {run_id}: field 'selected_epoch': {DONE_FILE} claims epoch {claimed}, the "
                             f"validation records select epoch {recomputed}")
+    problems += _folder_problems(url, options)
     return problems, {"runs": len(rows_by_run), "records": len(records)}, rows_by_run
+
+
+def _identity_problems(url: str, run_id: str, rows: list[dict], done: dict, options: StorageOptions | None
+                       ) -> list[str]:
+    """The run's spec (spec.json, and the copy in its done marker) hashes to its id, and says what its records say:
+    an edited spec (or one rehashed into bundle.json) no longer names the run it is filed under."""
+    from .records import RUN_FIELDS
+
+    specs = []
+    try:
+        stored = read_run_json(storage_root(url), run_id, SPEC_FILE, options)
+    except USER_ERRORS as exc:
+        return [str(exc)]
+    if stored is not None:
+        specs.append((SPEC_FILE, stored))
+    if isinstance(done.get("spec"), dict):
+        specs.append((f"{DONE_FILE} 'spec'", done["spec"]))
+    if not specs:
+        return [f"run {run_id}: no {RUNS_DIR}/{run_id}/{SPEC_FILE}: its id cannot be checked"]
+    problems = []
+    for where, spec in specs:
+        try:
+            recomputed = run_id_of(spec)
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"run {run_id}: {where}: not a run spec ({type(exc).__name__}: {exc})")
+            continue
+        if spec.get("run_id", run_id) != run_id:
+            problems.append(f"run {run_id}: field 'run_id': {where} says {spec['run_id']!r}")
+        if recomputed != run_id:
+            # Which field was edited, where the records can tell (they carry a copy of these; code as a label).
+            differs = [f for f in RUN_FIELDS if f in spec and f != "code" and _as_record(f, spec[f]) != rows[0][f]]
+            fields = ", ".join(repr(f) for f in differs) or "'run_id'"
+            problems.append(f"run {run_id}: field {fields}: {where} hashes to run id {recomputed}, not {run_id} "
+                            "(the spec was changed after the run)")
+    return problems
+
+
+def _as_record(field: str, value):
+    """A spec value as the records store it (hparams as canonical JSON)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if field == "hparams" else value
+
+
+def _folder_problems(url: str, options: StorageOptions | None) -> list[str]:
+    """Every records/<run_id>/ folder holds records of that run only."""
+    from .records import read_records
+
+    fs, root = filesystem(storage_root(url), options)
+    folders = with_retries(lambda: fs.glob(join(root, RECORDS_DIR, "*")), f"listing {url}")
+    problems = []
+    for folder in sorted(f.rstrip("/").rsplit("/", 1)[-1] for f in folders):
+        try:
+            ids = set(read_records(url, options, run_ids=[folder]).column("run_id").to_pylist())
+        except USER_ERRORS:
+            continue  # named by _check_records
+        others = sorted(ids - {folder})
+        if others:
+            problems.append(f"run {folder}: field 'run_id': {RECORDS_DIR}/{folder}/ holds records of "
+                            f"run(s) {', '.join(others)}")
+    return problems
 
 
 def _evaluated(rows: list[dict]) -> dict[str, dict[int, set[tuple[str, str]]]]:
@@ -236,9 +298,6 @@ def _manifest_problems(rows_by_run: dict[str, list[dict]], manifests: Sequence[s
     return problems
 
 
-# The only files a bundle holds (harness/results/bundle.py): anything else, weights and pickles above all, is refused.
-BUNDLE_PATHS = re.compile(rf"^({re.escape(BUNDLE_FILE)}|{RECORDS_DIR}/[^/]+/epoch-\d+(\.[a-z]+)?\.parquet"
-                          rf"|{RUNS_DIR}/[^/]+/({'|'.join(map(re.escape, RUN_FILES))}))$")
 PICKLE_OR_ZIP = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; zip (torch.save's format)
 
 
@@ -252,25 +311,14 @@ def validate_bundle(url: str, options: StorageOptions | None = None,
     fs, root = filesystem(storage_root(url), options)
     problems: list[str] = []
     found = sorted(with_retries(lambda: fs.find(root), f"listing {url}"))
-    present = set()
     for path in found:
         rel = path[len(root):].lstrip("/")
-        present.add(rel)
         if not BUNDLE_PATHS.match(rel):
             head = with_retries(lambda p=path: fs.cat_file(p, start=0, end=4), f"reading {path}")
             what = " (a pickle or zip/torch file)" if head.startswith(PICKLE_OR_ZIP) else ""
             problems.append(f"file {rel}{what}: not part of a bundle (bundles hold records, run specs and done markers "
                             "only: no weights, checkpoints or pickles)")
-            continue
-        if rel == BUNDLE_FILE:
-            continue
-        want = bundle["files"].get(rel)
-        if want is None:
-            problems.append(f"file {rel}: not listed in bundle.json 'files'")
-        elif hashlib.sha256(with_retries(lambda p=path: fs.cat_file(p), f"reading {path}")).hexdigest() != want:
-            problems.append(f"file {rel}: sha256 differs from bundle.json 'files' (changed after export)")
-    problems += [f"file {rel}: listed in bundle.json 'files' but missing" for rel in sorted(set(bundle["files"])
-                                                                                          - present)]
+    problems += verify_files(url, bundle, options)
     rec_problems, summary, rows_by_run = _check_records(url, options)
     problems += rec_problems
     listed = {r.get("run_id") for r in bundle["runs"] if isinstance(r, dict)}

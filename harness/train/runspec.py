@@ -15,7 +15,6 @@ the workers use them as given.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from ..data.augment import check_policy
 from ..data.batching import DomainIndex
 from ..errors import HarnessError
 from .code_identity import code_identity, code_label
+from .run_identity import digest, run_id_of
 
 # Test batch sizes of the TTA sweep (0 = the whole plate), as in ABRA/CS-ARM-BN's batch-size figures.
 DEFAULT_TTA_BATCH_SIZES = (8, 16, 32, 64, 128, 0)
@@ -47,11 +47,6 @@ class EvalProtocol:
                    control_counts=tuple(d["control_counts"]))
 
 
-def _digest(identity: dict) -> str:
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 @dataclass(frozen=True)
 class TrainingSpec:
     """What shapes a run's weights; runs with equal TrainingSpecs share one training."""
@@ -67,7 +62,7 @@ class TrainingSpec:
 
     @property
     def training_id(self) -> str:
-        return f"{self.method.replace('+', '-')}-s{self.seed}-{_digest(asdict(self))}"
+        return f"{self.method.replace('+', '-')}-s{self.seed}-{digest(asdict(self))}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "training_id": self.training_id}
@@ -93,7 +88,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.method.replace('+', '-')}-s{self.seed}-{_digest(self.identity())}"
+        return run_id_of(self.identity())
 
     @property
     def code_label(self) -> str:
