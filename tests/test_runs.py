@@ -1,6 +1,9 @@
 """`platebench run` on Ray Train: records, idempotence, resume, worker failure, errors before training."""
 
+import contextlib
+import io
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,12 +82,27 @@ def test_run_writes_complete_records_and_mlflow_and_is_never_trained_twice(small
     assert _record_files(out) == before  # nothing retrained, nothing rewritten
 
 
+@pytest.fixture(scope="module")
+def interrupted(small_ds, ray_session, tmp_path_factory):
+    """A 3-epoch run stopped by a fault injected at the start of epoch 2, no retries: (its storage, exit code,
+    stderr). Trained once; each test resumes its own copy."""
+    out = tmp_path_factory.mktemp("interrupted") / "out"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = _run(small_ds, out, "--inject-fault", "epoch=2,step=0,rank=0,mode=raise", "--max-failures", "0",
+                  "--no-mlflow", epochs=3)
+    return out, rc, err.getvalue()
+
+
+def _copy_of(interrupted, tmp_path) -> Path:
+    return Path(shutil.copytree(interrupted[0], tmp_path / "out"))
+
+
 @pytest.mark.usefixtures("ray_session")
-def test_interrupted_run_continues_from_its_checkpoint(small_ds, tmp_path, capsys):
-    out = tmp_path / "out"
-    rc = _run(small_ds, out, "--inject-fault", "epoch=2,step=0,rank=0,mode=raise", "--max-failures", "0",
-              "--no-mlflow", epochs=3)
-    assert rc == 2 and "INJECTED FAULT" in capsys.readouterr().err
+def test_interrupted_run_continues_from_its_checkpoint(small_ds, interrupted, tmp_path):
+    _, rc, err = interrupted
+    assert rc == 2 and "INJECTED FAULT" in err
+    out = _copy_of(interrupted, tmp_path)
     first = _record_files(out)
     assert list(first) == ["epoch-00001.parquet"]
     assert not list(Path(out, "runs").glob("*/done.json"))
@@ -151,12 +169,11 @@ class _Payload:
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_resume_refuses_a_checkpoint_that_is_not_tensors_only(small_ds, tmp_path, capsys):
+def test_resume_refuses_a_checkpoint_that_is_not_tensors_only(small_ds, interrupted, tmp_path, capsys):
     import pickle
 
-    out = tmp_path / "out"
-    assert _run(small_ds, out, "--inject-fault", "epoch=2,step=0,rank=0,mode=raise", "--max-failures", "0",
-                "--no-mlflow", epochs=3) == 2
+    assert interrupted[1] == 2
+    out = _copy_of(interrupted, tmp_path)
     (state,) = Path(out, "trainings").glob("*/state.pt")
     marker = tmp_path / "executed"
     state.write_bytes(pickle.dumps({"method": _Payload(str(marker)), "train": {}}))

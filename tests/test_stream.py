@@ -106,3 +106,15 @@ def test_unknown_split_is_named(tiny_dataset):
 
     with pytest.raises(DatasetError, match="split 'nope' is not in scheme 'new_batches'"):
         PlateStream(open_dataset(tiny_dataset), StreamConfig("new_batches", "nope", BatchShape(4), train=False))
+
+
+def test_reads_deliver_whole_parts_in_plan_order_without_their_index_column(tmp_path):
+    from shard_fixtures import build_tiny_dataset
+
+    ds = open_dataset(build_tiny_dataset(tmp_path / "ds", images_per_plate=16, part_rows=2))
+    stream = PlateStream(ds, StreamConfig("new_batches", "val", BatchShape(4), train=True, seed=5))
+    parts = stream.parts([p for p, _ in stream.plan(0)[0]], 0)
+    blocks = list(stream.read_parts(parts))
+    assert len(parts) > 4 and len(blocks) == len(parts)
+    for part, block in zip(parts, blocks):
+        assert block.equals(ds.read_part(part))  # the index column is dropped, the part is whole

@@ -29,6 +29,7 @@ def _done_runs(out) -> list[Path]:
     return list(Path(out).glob("sweeps/*/runs/*/done.json"))
 
 
+@pytest.mark.slow  # two sweeps, one of them in a subprocess with its own Ray
 @pytest.mark.usefixtures("ray_session")
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     ds = build_tiny_dataset(tmp_path / "ds", images_per_plate=32)

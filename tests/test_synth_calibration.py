@@ -21,6 +21,7 @@ import pytest
 from platebench.harness.cli import main
 
 
+@pytest.mark.slow  # minutes: 5 seeds x 2 data seeds on the quickstart preset
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize("data_seed", [0, 1])
 def test_quickstart_batch_effects_hurt_erm_and_adabn_recovers_measurably(tmp_path, data_seed):

@@ -6,18 +6,22 @@ two concurrent runs on a small box), and it may split or merge files into blocks
 already knows every part's rows and size, each read task runs platebench's validating reader (schema,
 row count, image byte length, and the sha256 of the bytes it fetched against the manifest), and storage
 failures are retried with backoff inside the task, so a block is either a whole, valid part or an error:
-never a partial, damaged or duplicated one.
+never a partial, damaged or duplicated one. Each block carries its part's index in the read (`PART_INDEX`, one
+constant column) so the stream can check that blocks arrive in plan order whatever the machine's load.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pyarrow as pa
 from platebench.datasets.errors import DatasetError, StorageError
 from platebench.datasets.manifest import Part
 from platebench.datasets.shards import ShardDataset
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
+
+PART_INDEX = "_part_index"  # the stream drops it before anything else sees the block
 
 
 class PlateShardDatasource(Datasource):
@@ -33,19 +37,20 @@ class PlateShardDatasource(Datasource):
         # One task per part regardless of `parallelism`: blocks must never mix plates.
         nbytes = self.dataset.manifest.image_nbytes
         tasks = []
-        for part in self.parts:
+        for index, part in enumerate(self.parts):
             meta = BlockMetadata(num_rows=part.rows, size_bytes=part.rows * nbytes, exec_stats=None,
                                  input_files=(self.dataset.part_url(part),))
-            tasks.append(ReadTask(_reader(self.dataset, part, self.retries, self.backoff_s), meta))
+            tasks.append(ReadTask(_reader(self.dataset, part, index, self.retries, self.backoff_s), meta))
         return tasks
 
     def get_name(self) -> str:
         return "PlateShards"
 
 
-def _reader(dataset: ShardDataset, part: Part, retries: int, backoff_s: float):
+def _reader(dataset: ShardDataset, part: Part, index: int, retries: int, backoff_s: float):
     def read():
-        return [dataset.read_part(part, verify=True, retries=retries, backoff_s=backoff_s)]
+        table = dataset.read_part(part, verify=True, retries=retries, backoff_s=backoff_s)
+        return [table.append_column(PART_INDEX, pa.array([index] * table.num_rows, pa.int32()))]
 
     return read
 

@@ -2,8 +2,8 @@
 
 Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads the parts
 it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one block per part, verified against
-its checksum, order preserved so the epoch is reproducible) and turns blocks into batches with the
-re-batcher. The number of steps per
+its checksum, delivered in plan order whatever order the reads finish in, so an epoch's batches are a function
+of (spec, epoch, rank) alone) and turns blocks into batches with the re-batcher. The number of steps per
 epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
 never wait on a rank that ran dry (a rank whose stream ends early would leave the others waiting in an
 all-reduce).
@@ -219,17 +219,23 @@ class PlateStream:
         import ray.data
         from platebench.datasets.errors import DatasetError, StorageError
 
-        from .source import PlateShardDatasource, plain_error
+        from .source import PART_INDEX, PlateShardDatasource, plain_error
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # reproducible epochs; reads still run in parallel
-        ctx.enable_progress_bars = False
+        ray.data.DataContext.get_current().enable_progress_bars = False
         source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
         data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
                                         concurrency=self.config.read_concurrency)
+        # Blocks in part order whatever order the parallel read tasks finish in (a busy machine reorders them):
+        # Ray Data's own reordering, set on this dataset's copy of the context so no other job can turn it off.
+        data.context.execution_options.preserve_order = True
         try:
-            yield from data.iter_batches(batch_size=None, batch_format="pyarrow",
-                                         prefetch_batches=self.config.prefetch_blocks)
+            for index, block in enumerate(data.iter_batches(batch_size=None, batch_format="pyarrow",
+                                                            prefetch_batches=self.config.prefetch_blocks)):
+                got = block.column(PART_INDEX)[0].as_py() if block.num_rows else index
+                if got != index:
+                    raise HarnessError(f"{self.ds.part_url(parts[index])}: Ray Data delivered part {got} of the read "
+                                       f"in its place; the epoch's order would depend on timing")
+                yield block.drop_columns([PART_INDEX])
         except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
             raise plain_error(exc) from None
 
