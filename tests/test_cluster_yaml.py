@@ -122,7 +122,8 @@ def test_the_mlflow_auth_recipe_works(tmp_path, monkeypatch):
         creds = dict(line.split("=", 1) for line in sourced.splitlines() if line.startswith("MLFLOW_TRACKING_"))
         assert creds == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
         uri = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
+        # MLflow 3's server starts its uvicorn workers one by one: ~30 s on a quiet 2-core box, minutes on a loaded one
+        deadline = time.time() + 300
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
