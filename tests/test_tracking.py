@@ -42,6 +42,7 @@ def test_a_restarted_worker_reopens_its_runs_and_logs_a_replayed_epoch_once(tmp_
     assert not first.gaps and not second.gaps
 
 
+@pytest.mark.slow  # the MLflow client
 def test_an_unreachable_server_is_a_gap_never_an_error():
     target = tracking.MlflowTarget("http://127.0.0.1:9", "0", None)  # nothing listens on the discard port
     tracker = tracking.BackgroundTracker(target, flush_timeout=60)
