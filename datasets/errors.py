@@ -7,3 +7,8 @@ class DatasetError(ValueError):
 
 class StorageError(OSError):
     """Object storage could not be reached, or refused access."""
+
+
+class StorageURLError(DatasetError):
+    """A dataset or storage URL is malformed (`s3:/b/p`, `s3://`) or names a scheme no filesystem serves. A
+    ValueError, not an OSError: never retried as a storage outage."""

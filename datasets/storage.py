@@ -8,6 +8,7 @@ Options come from explicit values first, then the PLATEBENCH_S3_* / AWS_* enviro
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from urllib.parse import urlparse
 
 import fsspec
 
-from .errors import StorageError
+from .errors import StorageError, StorageURLError
 
 
 @dataclass(frozen=True)
@@ -92,28 +93,93 @@ def absolute(url: str) -> str:
     """Local paths made absolute (Ray workers and Tune trials run in other working directories); URLs as given."""
     url = str(url)
     scheme = urlparse(url).scheme
+    if scheme in S3_SCHEMES:  # checked here, the first use, so the error line shows the URL as typed
+        s3_location(url)
     if scheme == "file":
-        return "file://" + os.path.abspath(url[len("file://"):])
+        return "file://" + os.path.abspath(_file_path(url))
     return url if scheme else os.path.abspath(url)
+
+
+def _file_path(url: str) -> str:
+    """The path of a file:// URL. `file:/x`, `file:x` and `file://` are one StorageURLError line: read as the text
+    after `file://`, they would name the working folder."""
+    if not url.lower().startswith("file://") or not url[len("file://"):]:
+        raise StorageURLError(f"{url}: not a valid file URL (expected file:///PATH, or the path alone)")
+    return url[len("file://"):]
+
+
+S3_SCHEMES = ("s3", "s3a")
+# botocore's own client-side rule for a bucket name (S3 itself is stricter, S3-compatible stores looser)
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def _shown(url: str) -> str:
+    """`url` for an error line, without credentials written into it (s3://KEY:SECRET@bucket/...)."""
+    return re.sub(r"(://)[^/@]*@", r"\1...@", url)
+
+
+def s3_location(url: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// or s3a:// URL; a malformed one (`s3:/b/p`, `s3://`, `s3:///x`) is one
+    StorageURLError line naming it, before any filesystem is made."""
+    _, sep, rest = str(url).partition("://")
+    bucket, _, key = rest.partition("/")
+    if not sep or not _BUCKET.fullmatch(bucket):
+        raise StorageURLError(f"{_shown(str(url))}: not a valid S3 URL (expected s3://BUCKET/PATH)")
+    return bucket, key.strip("/")
 
 
 def filesystem(url: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path inside it) for a URL or local path."""
     url = str(url)
     scheme = urlparse(url).scheme
-    if scheme in ("s3", "s3a"):
+    if scheme in S3_SCHEMES:
+        bucket, key = s3_location(url)
         opts = options or StorageOptions.from_env()
-        try:
-            import s3fs
-        except ImportError as exc:  # pragma: no cover - s3fs is a hard dependency
-            raise StorageError("s3fs is required for s3:// URLs") from exc
-        fs = s3fs.S3FileSystem(**opts.s3fs_kwargs())
-        return fs, url.split("://", 1)[1].rstrip("/")
+        fs = _s3_filesystem_class()(**opts.s3fs_kwargs())
+        return fs, f"{bucket}/{key}".rstrip("/")
     if scheme in ("", "file"):
-        path = url[len("file://"):] if scheme == "file" else url
+        path = _file_path(url) if scheme == "file" else url
         return fsspec.filesystem("file"), os.path.abspath(path).rstrip("/") or "/"
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/")
+    # Other fsspec protocols (ftp://, http://, ...) are not offered: they would be tried, and fail late, as a network
+    # error that does not say the scheme is the problem.
+    raise StorageURLError(f"{_shown(url)}: unsupported URL scheme {scheme!r} (expected a folder, file:// or s3:// URL)")
+
+
+_S3_CLASS: list = []
+
+
+def _s3_filesystem_class():
+    """s3fs's filesystem, except that makedirs never creates a bucket (s3fs's does, with the client's region as its
+    location constraint: on us-east-1 that is refused as 'location-constraint is not valid', elsewhere a typo in
+    --storage would make a new bucket). Built on first use: s3fs takes seconds to import."""
+    if _S3_CLASS:
+        return _S3_CLASS[0]
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+
+    class PlatebenchS3FileSystem(s3fs.S3FileSystem):
+        async def _makedirs(self, path, exist_ok=False):
+            # Object storage has no folders: only the bucket must exist.
+            bucket = self.split_path(path)[0]
+            try:
+                await self._call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no such bucket {bucket}") from None
+            except PermissionError:  # HEAD needs s3:ListBucket; the write that follows says whether it is allowed
+                pass
+
+        makedirs = sync_wrapper(_makedirs)
+
+    # fsspec pickles a filesystem by its class: found by name through the module's __getattr__
+    PlatebenchS3FileSystem.__module__, PlatebenchS3FileSystem.__qualname__ = __name__, "PlatebenchS3FileSystem"
+    _S3_CLASS.append(PlatebenchS3FileSystem)
+    return PlatebenchS3FileSystem
+
+
+def __getattr__(name: str):
+    if name == "PlatebenchS3FileSystem":
+        return _s3_filesystem_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def join(root: str, *parts: str) -> str:
@@ -128,7 +194,7 @@ def pyarrow_filesystem(url: str, options: StorageOptions | None = None):
     import pyarrow.fs as pafs
 
     scheme = urlparse(str(url)).scheme
-    if scheme in ("s3", "s3a"):
+    if scheme in S3_SCHEMES:
         opts = options or StorageOptions.from_env()
         kw: dict = {"connect_timeout": opts.connect_timeout, "request_timeout": 60}
         if opts.anon:
@@ -144,22 +210,28 @@ def pyarrow_filesystem(url: str, options: StorageOptions | None = None):
             kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=opts.retries)
         except AttributeError:  # pragma: no cover - very old pyarrow
             pass
-        return pafs.S3FileSystem(**kw), str(url).split("://", 1)[1].rstrip("/")
-    fs, path = filesystem(url, options)
-    if scheme in ("", "file"):
-        return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+        bucket, key = s3_location(str(url))
+        return pafs.S3FileSystem(**kw), f"{bucket}/{key}".rstrip("/")
+    _, path = filesystem(url, options)  # a local path; any other scheme is refused there
+    return pafs.LocalFileSystem(), path
 
 
 def describe_error(exc: BaseException, where: str) -> StorageError:
     """Turn botocore/aiohttp/OS errors into one clear line naming the URL."""
     text = f"{type(exc).__name__}: {exc}".strip()
     low = text.lower()
-    if "could not connect" in low or "connect" in low and "endpoint" in low or "connection refused" in low:
+    named = re.match(r"no such bucket (\S+)", str(exc))
+    if named:  # PlatebenchS3FileSystem.makedirs: the whole story
+        return StorageError(f"{where}: no such bucket {named[1]}")
+    if "nosuchbucket" in low or "bucket does not exist" in low:
+        reason = "no such bucket"
+    elif "could not connect" in low or "connect" in low and "endpoint" in low or "connection refused" in low:
         reason = "cannot reach the S3 endpoint"
     elif "nocredentials" in low or "unable to locate credentials" in low:
         reason = ("no S3 credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                   "or use --s3-anon for public buckets)")
+    elif isinstance(exc, PermissionError) and getattr(exc, "filename", None):  # the OS's, on a local path
+        reason = "permission denied"
     elif isinstance(exc, PermissionError) or "forbidden" in low or "access denied" in low or "accessdenied" in low:
         reason = "access denied (private bucket? check credentials, or --s3-anon only for public buckets)"
     elif isinstance(exc, FileNotFoundError) or "nosuchbucket" in low or "not found" in low:
@@ -191,6 +263,10 @@ def put_atomic(fs, path: str, data: bytes) -> None:
         raise
 
 
+# Errors a retry cannot fix: reported at once. A local --out under a file (NotADirectoryError) was retried for 60 s.
+_PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
 def with_retries(fn, where: str, deadline_s: float = 60.0, first_wait_s: float = 1.0):
     """`fn()`, retried with exponential backoff while object storage fails for at most `deadline_s` seconds
     (an outage, a throttled request); then one StorageError line naming `where`. Errors a retry cannot fix
@@ -199,7 +275,7 @@ def with_retries(fn, where: str, deadline_s: float = 60.0, first_wait_s: float =
     while True:
         try:
             return fn()
-        except (PermissionError, FileNotFoundError) as exc:
+        except _PERMANENT as exc:
             raise describe_error(exc, where) from exc
         except STORAGE_ERRORS as exc:
             if time.monotonic() - start + wait > deadline_s:

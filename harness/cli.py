@@ -9,7 +9,7 @@ import os
 import sys
 
 COMMANDS = ["synth", "inspect", "methods", "run", "bench", "leaderboard", "sweep", "ingest", "perf", "validate",
-            "export", "analyze"]
+            "export", "analyze", "export-weights"]
 
 
 def _add_storage_flags(p: argparse.ArgumentParser, default=None) -> None:
@@ -22,14 +22,22 @@ def _add_storage_flags(p: argparse.ArgumentParser, default=None) -> None:
     g.add_argument("--s3-region", default=default, help="S3 region (default us-east-1)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, `platebench COMMAND: error: ...` (exit 2), without the usage
+    block argparse prints first (`--help` shows it). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="platebench", description="Benchmark batch-effect correction methods on cell-painting plates.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     _add_storage_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"platebench.harness.commands.{name}")
+        module = importlib.import_module(f"platebench.harness.commands.{name.replace('-', '_')}")
         p = module.add_parser(sub)
         _add_storage_flags(p, default=argparse.SUPPRESS)
         p.set_defaults(_run=module.run)

@@ -13,8 +13,11 @@ no credential is put in a runtime_env (Ray logs it): workers read theirs from th
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HarnessError
@@ -46,6 +49,25 @@ RUNTIME_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PLATEBENCH_S3_END
 
 # Credentials Ray Tune would copy from the driver's environment into every trial's runtime_env.
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+# The longest a local Ray may take to start, in seconds (Ray's own waits are 30 s each, some fixed).
+START_WAIT_ENV = "PLATEBENCH_RAY_START_WAIT_S"
+DEFAULT_START_WAIT_S = 120.0
+
+
+def start_wait_s() -> float:
+    """The start-up wait of a local Ray: $PLATEBENCH_RAY_START_WAIT_S, else DEFAULT_START_WAIT_S."""
+    text = os.environ.get(START_WAIT_ENV, "").strip()
+    if not text:
+        return DEFAULT_START_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise HarnessError(f"{START_WAIT_ENV}={text!r}: expected a number of seconds > 0")
+    return value
 
 
 def runtime_env_vars() -> dict[str, str]:
@@ -83,12 +105,14 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     runtime_env = {"env_vars": runtime_env_vars()}
     if address:
         check_reachable(address)
+        _resolve_loopback_as_loopback(address)
         try:
             return ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver,
                             ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise HarnessError(f"cannot join the Ray cluster at --address {address} "
                                f"({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})") from None
+    wait_s = start_wait_s()
     tmp = os.environ["RAY_TMPDIR"]
     os.makedirs(tmp, exist_ok=True)
     kw = {}
@@ -100,10 +124,113 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
-                    dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=log_to_driver,
-                    runtime_env=runtime_env, ignore_reinit_error=True, configure_logging=True,
-                    logging_level="warning", **kw)
+    # Ray warns on every local start that it turned token authentication on (its default, kept): noise in a
+    # command's output, and a second stderr line beside a start-up error.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    started = time.monotonic()
+    try:
+        with _start_wait(wait_s):
+            return ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                            dashboard_host="127.0.0.1", _temp_dir=tmp, log_to_driver=log_to_driver,
+                            runtime_env=runtime_env, ignore_reinit_error=True, configure_logging=True,
+                            logging_level="warning", **kw)
+    except BaseException as exc:  # Ctrl-C too: what was started is stopped either way
+        _stop_half_started(exc)
+        if not isinstance(exc, Exception):
+            raise
+        why = "" if isinstance(exc, _StartWaitOver) else f": {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+        raise HarnessError(
+            f"the local Ray did not start within {time.monotonic() - started:.0f} s (the wait is {wait_s:g} s){why}; "
+            f"on a busy machine wait longer ({START_WAIT_ENV}={2 * wait_s:g}), start fewer CPUs (--num-cpus N) or "
+            f"join a running Ray (--address HOST:PORT); Ray's logs: {tmp}/session_latest/logs") from None
+
+
+class _StartWaitOver(TimeoutError):
+    """The start-up wait of a local Ray ran out."""
+
+
+@contextmanager
+def _start_wait(wait_s: float):
+    """Bound a local start by `wait_s`, and let it take that long. Ray's own waits are 30 s: the GCS's is Ray's
+    setting RAY_gcs_server_port_wait_time_s; the raylet's (fixed in Ray 2.60's node.py) is a loop around
+    services.get_node, which is asked again here until the wait is over instead. Other steps have no wait of their
+    own (on a loaded machine one RPC took minutes): a timer signal ends them, from the main thread only and only if
+    no other timer runs (a test runner's)."""
+    import signal
+    import threading
+
+    from ray._private import services
+
+    deadline = time.monotonic() + wait_s
+    alarm = (threading.current_thread() is threading.main_thread()
+             and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0))
+    ask = services.get_node
+
+    def get_node(*args, **kwargs):
+        while True:
+            try:
+                return ask(*args, **kwargs)
+            except RuntimeError:  # the raylet has not registered yet
+                if time.monotonic() > deadline:
+                    raise _StartWaitOver() from None
+                time.sleep(0.2)
+
+    setting = "RAY_gcs_server_port_wait_time_s"
+    given = os.environ.get(setting)
+    if given is None:
+        os.environ[setting] = str(max(1, math.ceil(wait_s)))
+    services.get_node = get_node
+    if alarm:
+        previous = signal.signal(signal.SIGALRM, _wait_over)
+        signal.setitimer(signal.ITIMER_REAL, wait_s)
+    try:
+        yield
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        services.get_node = ask
+        if given is None:
+            os.environ.pop(setting, None)
+
+
+def _wait_over(signum, frame):
+    raise _StartWaitOver()
+
+
+def _stop_half_started(exc: BaseException) -> None:
+    """Stop the processes of a local Ray whose start failed (never `ray stop`: that is host-wide). A node whose
+    constructor failed was never handed to Ray, so ray.shutdown() does not know its processes; the traceback's
+    frames still hold it."""
+    import ray
+    from ray._private.node import Node
+
+    tb = exc.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("self")
+        if isinstance(node, Node):
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
+            break
+        tb = tb.tb_next
+    ray.shutdown()
+
+
+def _resolve_loopback_as_loopback(address: str) -> None:
+    """Joining a Ray that listens on this machine's loopback only (as the local Ray started here does): Ray rewrites
+    a loopback address to the host's own, where nothing listens, and retries for many minutes, unless its
+    ENABLE_RAY_CLUSTER switch is off (see the local start above); a cluster's address needs it on."""
+    from ray._private import ray_constants, services
+
+    from .train.tracking import is_loopback
+
+    if "://" in address:  # ray:// client addresses are resolved by the cluster's client server
+        return
+    if address == "auto":
+        try:
+            address = services.get_ray_address_from_environment("auto", None) or ""
+        except Exception:  # noqa: BLE001 - no Ray found: ray.init says so itself
+            return
+    ray_constants.ENABLE_RAY_CLUSTER = not is_loopback(address.rpartition(":")[0])
 
 
 def check_reachable(address: str, wait_s: float = 15.0) -> None:

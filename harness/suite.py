@@ -12,7 +12,13 @@ Suite file (YAML, strict: unknown keys, wrong types and out-of-range values are 
     hparams: {hparam: value, ...}   (optional: for every method; a method's own entries win)
     selection: val | val-loss | last-epoch   (optional: the leaderboard's epoch selection, default val)
     eval: {tta_batch_sizes: [int >= 0, ...], control_counts: [int >= 1, ...]}   (optional: the TTA sweeps)
-    methods: [NAME | {NAME: {hparam: value, ...}}, ...]
+    precision: fp32 | bf16-mixed | fp16-mixed   (optional, default fp32: a run setting, methods/precision.py)
+    compile: bool   (optional, default false: torch.compile of the backbones, methods/compiling.py)
+    methods: [NAME | {NAME: {hparam: value, ..., backbone: NAME}}, ...]
+A method's `backbone` replaces the suite's for its runs (e.g. a pretrained encoder's); `--backbone` replaces
+only the suite's. A hyperparameter whose value is `null` is left to the user (e.g. a pretrained encoder's file,
+which a suite cannot ship): the suite resolves and validates, but runs only once `--hparams METHOD.KEY=VALUE`
+gives it (`require_given`).
 Built-in suites live in harness/suites/ and run by name (`platebench bench --suite NAME`).
 """
 
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from platebench.methods.backbones import DEFAULT_BACKBONE
+from platebench.methods.precision import DEFAULT_PRECISION, PRECISIONS
 
 from .config_files import load_yaml
 from .errors import HarnessError
@@ -29,7 +36,7 @@ from .train.runspec import EvalProtocol, resolve_run_hparams
 
 SUITES_DIR = Path(__file__).parent / "suites"
 _KEYS = {"name", "dataset", "split_scheme", "backbone", "seeds", "workers", "baseline", "epochs", "hparams",
-         "selection", "eval", "methods"}
+         "selection", "eval", "methods", "precision", "compile"}
 _DATASET_FORMS = ({"preset"}, {"preset", "seed"}, {"url"}, {"expects"})
 
 
@@ -64,8 +71,14 @@ class Suite:
     hparams: dict = field(default_factory=dict)  # overrides for every method
     selection: str = "val"
     eval: EvalProtocol = field(default_factory=EvalProtocol)
-    methods: dict[str, dict] = field(default_factory=dict)  # name -> hparam overrides
+    methods: dict[str, dict] = field(default_factory=dict)  # name -> hparam overrides (None: left to the user)
     expects: str | None = None  # the manifest name a dataset given with --data must have
+    precision: str = DEFAULT_PRECISION  # run settings of every run
+    compile: bool = False
+    backbones: dict[str, str] = field(default_factory=dict)  # name -> its own backbone, instead of `backbone`
+
+    def backbone_of(self, method: str) -> str:
+        return self.backbones.get(method, self.backbone)
 
     @classmethod
     def load(cls, path: str | Path) -> Suite:
@@ -93,6 +106,7 @@ class Suite:
             raise HarnessError(f"{where}: methods must be a list of names or {{name: {{hparams}}}}, "
                                f"got {data['methods']!r}")
         methods: dict[str, dict] = {}
+        backbones: dict[str, str] = {}
         for i, item in enumerate(data["methods"]):
             if isinstance(item, str):
                 methods[item] = {}
@@ -101,6 +115,8 @@ class Suite:
                 if hp is not None and not isinstance(hp, dict):
                     raise HarnessError(f"{where}: methods[{i}].{name}: hyperparameters must be a mapping")
                 methods[name] = dict(hp or {})
+                if "backbone" in methods[name]:
+                    backbones[name] = _str(where, f"methods[{i}].{name}.backbone", methods[name].pop("backbone"))
             else:
                 raise HarnessError(f"{where}: methods[{i}] must be a name or {{name: {{hparams}}}}, got {item!r}")
         if not methods:
@@ -108,6 +124,8 @@ class Suite:
         common = data.get("hparams") or {}
         if not isinstance(common, dict):
             raise HarnessError(f"{where}: hparams must be a mapping of hyperparameter: value, got {common!r}")
+        if any(v is None for v in common.values()):
+            raise HarnessError(f"{where}: hparams: a value left to the user (null) belongs in one method's entry")
         selection = data.get("selection", "val")
         if selection not in LEADERBOARD_RULES:
             raise HarnessError(f"{where}: selection must be one of {', '.join(LEADERBOARD_RULES)}, got {selection!r}")
@@ -121,6 +139,11 @@ class Suite:
             control_counts=tuple(_ints(where, "eval.control_counts", ev["control_counts"], 1))
             if "control_counts" in ev else base.control_counts)
         epochs = data.get("epochs")
+        precision, compile_ = data.get("precision", DEFAULT_PRECISION), data.get("compile", False)
+        if precision not in PRECISIONS:
+            raise HarnessError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if not isinstance(compile_, bool):
+            raise HarnessError(f"{where}: compile must be true or false, got {compile_!r}")
         return cls(name=_str(where, "name", data["name"]), dataset=dict(ds),
                    split_scheme=_str(where, "split_scheme", data["split_scheme"]),
                    backbone=_str(where, "backbone", data.get("backbone", DEFAULT_BACKBONE)),
@@ -128,7 +151,8 @@ class Suite:
                    workers=_int(where, "workers", data.get("workers", 1), 1),
                    baseline=_str(where, "baseline", data.get("baseline", "erm")),
                    epochs=None if epochs is None else _int(where, "epochs", epochs, 1), hparams=dict(common),
-                   selection=selection, eval=protocol, methods=methods, expects=ds.get("expects"))
+                   selection=selection, eval=protocol, methods=methods, expects=ds.get("expects"),
+                   backbones=backbones, precision=precision, compile=compile_)
 
 
 def builtin_suites() -> dict[str, Path]:
@@ -176,10 +200,12 @@ def build_all_specs(suite: Suite, ds) -> list:
     if suite.expects and ds.manifest.name != suite.expects:
         raise HarnessError(f"suite {suite.name!r} expects the {suite.expects!r} dataset, but {ds.url} holds "
                            f"{ds.manifest.name!r}")
+    require_given(suite)
     specs = []
     for method in suite.methods:
         method_specs = build_specs(ds, suite.split_scheme, method, method_overrides(suite, method), suite.seeds,
-                                   suite.backbone, suite.eval)
+                                   suite.backbone_of(method), suite.eval, precision=suite.precision,
+                                   compile=suite.compile)
         check_trainable(ds, method_specs[0], suite.workers)
         specs += method_specs
     if suite.baseline not in suite.methods:
@@ -222,8 +248,25 @@ def describe_split(split: dict) -> str:
 
 def method_overrides(suite: Suite, method: str) -> dict:
     """The hyperparameters a suite sets for `method`'s runs: its common ones, the method's own (which win), and
-    the suite's epochs (which win over both)."""
-    return {**suite.hparams, **suite.methods[method], **({"epochs": suite.epochs} if suite.epochs is not None else {})}
+    the suite's epochs (which win over both). Those left to the user and not given yet are left out."""
+    own = {k: v for k, v in suite.methods[method].items() if v is not None}
+    return {**suite.hparams, **own, **({"epochs": suite.epochs} if suite.epochs is not None else {})}
+
+
+def open_hparams(suite: Suite) -> list[str]:
+    """"METHOD.KEY" of each hyperparameter the suite leaves to the user (`null`) that no flag has given."""
+    return [f"{m}.{k}" for m, hp in suite.methods.items() for k, v in hp.items() if v is None]
+
+
+def require_given(suite: Suite) -> None:
+    """One line refusing to run a suite while a hyperparameter it leaves to the user is not given."""
+    missing = open_hparams(suite)
+    if missing:
+        methods = {key.split(".", 1)[0] for key in missing}
+        rest = [m for m in suite.methods if m not in methods]
+        raise HarnessError(f"suite {suite.name!r} leaves {', '.join(missing)} to you (see the suite file): give "
+                           + "--hparams " + " ".join(f"{k}=VALUE" for k in missing)
+                           + (f", or run without: --methods {' '.join(rest)}" if rest else ""))
 
 
 def resolved_runs(suite: Suite) -> list[tuple[str, int, dict]]:

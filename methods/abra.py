@@ -105,7 +105,7 @@ class ABRA(Method):
     def build(self) -> None:
         hp = self.hparams
         self._validate(hp)
-        self.featurizer = build_backbone(self.backbone_spec, self.task.channels)
+        self.featurizer = build_backbone(self.backbone_spec, self.task.channels, hp["weights"])
         self.head = CosineHead(self.featurizer.out_dim, self.task.num_classes)
         channels = insertion_channels(self.featurizer, self.task.channels)[hp["insert_at"]]
         self.abra = BatchStyleUncertainty(
@@ -256,6 +256,10 @@ class ABRATTA(ABRA):
     track = "tta"
     trains_as = "abra"
     summary = "ABRA training; predicts with the test batch's own BatchNorm statistics (AdaBN)."
+
+    def build(self) -> None:
+        super().build()
+        bn.require_batchnorm(self.featurizer, self.name, self.backbone_spec)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         with bn.batch_stats(self.featurizer):

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from .base import Batch, DataRequest, Needs
-from .blocks.bn import batch_stats
+from .blocks.bn import batch_stats, require_batchnorm
 from .blocks.plate_steps import require_plate_pure
 from .erm import ERM
 from .hparams import Param
@@ -28,6 +28,10 @@ class BatchStatsMethod(ERM):
     """ERM network; predictions use the test batch's BN statistics (queries only), not the running buffers."""
 
     track = "tta"
+
+    def build(self) -> None:
+        super().build()
+        require_batchnorm(self.network.featurizer, self.name, self.backbone_spec)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         require_plate_pure(batch, self.name)

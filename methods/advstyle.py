@@ -130,7 +130,7 @@ class AdvStyle(ERM):
             # With random branches no layer may be adversarial: then nothing has a gradient. The step (and its
             # all-reduce) still runs, so every rank takes part in it whatever its branches.
             if loss.requires_grad:
-                loss.backward()
+                self.backward(loss)
             self.optimizer_step(optimizer, None)
         return float(loss.detach())
 
@@ -165,6 +165,10 @@ class AdvStyleTTA(AdvStyle):
     track = "tta"
     trains_as = "advstyle"
     summary = "AdvStyle training; predicts with the test batch's own BatchNorm statistics (AdaBN)."
+
+    def build(self) -> None:
+        super().build()
+        bn.require_batchnorm(self.network.featurizer, self.name, self.backbone_spec)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         with bn.batch_stats(self.network):

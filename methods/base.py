@@ -28,6 +28,7 @@ from . import distributed
 from .backbones.base import DEFAULT_BACKBONE
 from .errors import MethodError
 from .hparams import COMMON_PARAMS, Param, param_of
+from .precision import DEFAULT_PRECISION, check_precision, grad_scaler
 
 TRACKS = ("standard", "tta")
 
@@ -230,6 +231,7 @@ class Method(nn.Module):
         self.task = task
         self.backbone_spec = backbone
         self.epoch, self.total_epochs, self.steps_per_epoch = 0, 0, 0  # set by on_epoch_start
+        self.precision, self._grad_scaler = DEFAULT_PRECISION, None  # set_precision
         self.hparams = resolve_hparams(type(self), hparams)
         self.build()
         self._optimizers = self.configure_optimizers()
@@ -287,20 +289,46 @@ class Method(nn.Module):
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return self._optimizers
 
+    def set_precision(self, precision: str) -> None:
+        """The run's precision (methods/precision.py), set by the harness once the method is on its device. The
+        harness runs the steps under its autocast; here it only decides the loss scaling of "fp16-mixed"."""
+        device = next(self.parameters(), torch.empty(0)).device
+        self.precision, self._grad_scaler = check_precision(precision), grad_scaler(precision, device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, scaled under "fp16-mixed": how a method that accumulates gradients itself before
+        `optimizer_step(optimizer, None)` backpropagates."""
+        (loss if self._grad_scaler is None else self._grad_scaler.scale(loss)).backward()
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor | None) -> None:
         """zero_grad → backward → average gradients across ranks → clip → step.
 
-        `loss=None`: the caller already accumulated .grad itself (zero_grad, then one backward per
-        plate, as CS-ARM-BN's gradient accumulation does); only the all-reduce, clip and step run.
+        `loss=None`: the caller already accumulated .grad itself with `self.backward` (zero_grad, then one
+        backward per plate, as CS-ARM-BN's gradient accumulation does); only the all-reduce, clip and step run.
+
+        Under "fp16-mixed" the backward is scaled (GradScaler), and the gradients are unscaled after the
+        all-reduce, so every rank sees the same non-finite values and skips the same steps, and before the clip.
+        The scale is updated after every optimiser step rather than once per training step: methods step one
+        optimiser several times per training step (ABRA's ascent, AdvStyle's adversary), a GradScaler allows
+        one unscale per optimiser between updates, and each backward is scaled just before its own step.
         """
         if loss is not None:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.backward(loss)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         distributed.allreduce_gradients(params)
+        scaler = self._grad_scaler
+        if scaler is not None and all(p.grad is None for p in params):
+            scaler = None  # no gradient at all (an adversary step whose layers all drew other branches): no-op step
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if self.hparams["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(params, self.hparams["grad_clip"])
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+            scaler.update()
 
     def set_lr_factor(self, factor: float) -> None:
         """Scale every optimiser's learning rate relative to its initial value (the harness's schedule)."""
@@ -325,14 +353,19 @@ class Method(nn.Module):
         pass
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": self.state_dict(), "optimizers": [o.state_dict() for o in self._optimizers],
-                "extra": self.extra_state()}
+        state = {"model": self.state_dict(), "optimizers": [o.state_dict() for o in self._optimizers],
+                 "extra": self.extra_state()}
+        if self._grad_scaler is not None:  # fp16-mixed: the loss scale and its growth counter (plain numbers)
+            state["grad_scaler"] = self._grad_scaler.state_dict()
+        return state
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["model"])
         for opt, s in zip(self._optimizers, state["optimizers"]):
             opt.load_state_dict(s)
         self.load_extra_state(state.get("extra", {}))
+        if self._grad_scaler is not None and "grad_scaler" in state:
+            self._grad_scaler.load_state_dict(state["grad_scaler"])
 
     @classmethod
     def training_hparams(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:

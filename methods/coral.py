@@ -15,9 +15,11 @@ from .base import Batch, Needs, as_list, queries_with_labels
 from .erm import ERM
 from .grouping import check_plates_per_step, plate_positions
 from .network import accuracy, masked_cross_entropy
+from .precision import full_precision
 from .registry import register
 
 
+@full_precision  # means and covariances of the features in float32, as the reference computes them
 def coral_penalty(features: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Mean over group pairs of the squared mean and covariance differences; 0 with fewer than 2 usable groups."""
     stats = []

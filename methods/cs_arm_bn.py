@@ -86,7 +86,7 @@ class CSARMBN(BatchStatsMethod):
 
     def training_step(self, batches: Batch | list[Batch]) -> dict[str, float]:
         opt = self.optimizers[0]
-        metrics = accumulate_per_plate(opt, as_list(batches), self.plate_loss)
+        metrics = accumulate_per_plate(opt, as_list(batches), self.plate_loss, self.backward)
         self.optimizer_step(opt, None)
         return metrics
 

@@ -20,7 +20,8 @@ class ERM(Method):
     summary = "Empirical risk minimisation on mixed-plate batches; BN running statistics at test."
 
     def build(self) -> None:
-        self.network = Network(self.backbone_spec, self.task.channels, self.task.num_classes)
+        task = self.task
+        self.network = Network(self.backbone_spec, task.channels, task.num_classes, self.hparams["weights"])
 
     def training_step(self, batches: Batch | list[Batch]) -> dict[str, float]:
         batch = Batch.concat(as_list(batches))

@@ -72,4 +72,7 @@ COMMON_PARAMS: dict[str, Param] = {
     # without improvement (0: train every epoch). Records end at the stopping epoch.
     "early_stop_patience": Param(0, low=0),
     "early_stop_metric": Param("loss", choices=("loss", "accuracy")),
+    # The backbone's initial weights: a safetensors file (path, file:// or s3:// URL; methods/backbones/weights.py),
+    # "" = random initialisation. Fine-tuned by every method but tvn, whose encoder stays frozen.
+    "weights": Param(""),
 }

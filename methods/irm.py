@@ -17,9 +17,11 @@ from .base import Batch, MethodError, Needs, as_list, queries_with_labels
 from .erm import ERM
 from .grouping import check_domain_kind, check_plates_per_step, domain_ids
 from .network import accuracy
+from .precision import full_precision
 from .registry import register
 
 
+@full_precision  # the DomainBed code differentiates w.r.t. a float32 scale
 def irm_penalty(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Product of the gradients w.r.t. a dummy scale w=1 of the even-row and odd-row CE (differentiable)."""
     scale = torch.ones((), device=logits.device, dtype=logits.dtype, requires_grad=True)

@@ -12,9 +12,9 @@ from .backbones import build_backbone
 class Network(nn.Module):
     """`featurizer` (a Backbone with insertion points) followed by a linear `classifier`."""
 
-    def __init__(self, backbone: str, channels: int, num_classes: int):
+    def __init__(self, backbone: str, channels: int, num_classes: int, weights: str = ""):
         super().__init__()
-        self.featurizer = build_backbone(backbone, channels)
+        self.featurizer = build_backbone(backbone, channels, weights)
         self.classifier = nn.Linear(self.featurizer.out_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ AssertionErrors that say what was expected.
 
 Checks (CHECKS): declarations, loss_decreases, predict_shape, track (standard: a prediction does not
 depend on the rest of its batch; tta: it does, and never on the running statistics of trained BN
-layers), checkpoint (checkpoint_state round trip), reproducible (same seed, same batches: same weights),
+layers), checkpoint (checkpoint_state round trip, loaded with `torch.load(weights_only=True)` as the harness
+loads it), bf16 (a few steps under bf16-mixed autocast on CPU: finite, falling loss), reproducible (same seed,
+same batches: same weights),
 shared_training (a method declaring `trains_as` ends a
 few steps with the weights of that method), ddp (2 CPU ranks, gloo, different data, identical parameters
 after the steps). Only torch is needed; the DDP check forks ranks from a forkserver,
@@ -36,6 +38,7 @@ from .backbones.base import DEFAULT_BACKBONE
 from .base import Batch, Method, Needs, TaskSpec
 from .blocks.bn import randomize_running_stats
 from .distributed import free_port
+from .precision import autocast
 
 TASK = TaskSpec(num_classes=3, channels=5, image_size=(16, 16),
                 num_domains={"plate": 6, "batch": 3, "source": 2, "cell_type": 1})
@@ -203,14 +206,22 @@ def check_track(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBON
 
 def check_checkpoint(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE) -> None:
     """checkpoint_state → bytes → load_checkpoint_state into a differently initialised instance: same state,
-    same predictions."""
+    same predictions. The bytes are read as the harness reads checkpoints, `torch.load(weights_only=True)`:
+    tensors and plain data only (a checkpoint is data, never code)."""
     trained = build(cls, hparams, backbone, seed=0)
     _train(trained, 2)
     buffer = io.BytesIO()
     torch.save(trained.checkpoint_state(), buffer)
     buffer.seek(0)
+    try:
+        state = torch.load(buffer, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError and kin: the harness would refuse the checkpoint
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AssertionError(f"{cls.name}: checkpoint_state() holds something other than tensors and plain data "
+                             f"(dict, list, tuple, str, int, float, bool, None), which the harness's "
+                             f"torch.load(weights_only=True) refuses: {first}") from None
     restored = build(cls, hparams, backbone, seed=1)
-    restored.load_checkpoint_state(torch.load(buffer, weights_only=False))
+    restored.load_checkpoint_state(state)
     for (key, value), (_, other) in zip(trained.state_dict().items(), restored.state_dict().items()):
         assert torch.equal(value, other), f"{cls.name}: {key!r} differs after the checkpoint round trip"
     batch = eval_batch(trained, 2, 5, torch.Generator().manual_seed(5))
@@ -222,6 +233,26 @@ def check_checkpoint(cls: type[Method], hparams=None, backbone: str = DEFAULT_BA
         torch.manual_seed(9)
         got = restored.predict(batch)
     _assert_close(want, got, f"{cls.name}: predictions differ after the checkpoint round trip")
+
+
+def check_bf16(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE, steps: int = 15) -> None:
+    """Under bf16-mixed autocast on CPU (as a run with --precision bf16-mixed), repeated steps on fixed batches
+    report finite, falling losses (mean of the last 3 < first 3), leave finite parameters, and predict finite
+    logits."""
+    method = build(cls, hparams, backbone)
+    method.set_precision("bf16-mixed")
+    with autocast("bf16-mixed", "cpu"):
+        history = _train(method, steps)
+    values = [float(m["loss"]) for m in history]
+    assert all(torch.isfinite(torch.tensor(values))), f"{cls.name} under bf16-mixed: non-finite loss: {values}"
+    bad = [k for k, p in method.named_parameters() if not bool(torch.isfinite(p).all())]
+    assert not bad, f"{cls.name} under bf16-mixed: non-finite parameters {bad[:3]}"
+    first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
+    assert last < first, f"{cls.name} under bf16-mixed: loss did not go down over {steps} steps on fixed batches: {values}"
+    method.eval()
+    with torch.no_grad(), autocast("bf16-mixed", "cpu"):
+        logits = method.predict(eval_batch(method, 0, 5, torch.Generator().manual_seed(1)))
+    assert bool(torch.isfinite(logits).all()), f"{cls.name} under bf16-mixed: predict gave non-finite logits"
 
 
 def check_reproducible(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE, steps: int = 3) -> None:
@@ -315,10 +346,10 @@ def _single_threaded(check: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
-(check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint, check_reproducible,
- check_shared_training) = (_single_threaded(c) for c in (check_declarations, check_loss_decreases, check_predict_shape,
-                                                         check_track, check_checkpoint, check_reproducible,
-                                                         check_shared_training))
+(check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint, check_bf16,
+ check_reproducible, check_shared_training) = (_single_threaded(c) for c in (
+    check_declarations, check_loss_decreases, check_predict_shape, check_track, check_checkpoint, check_bf16,
+    check_reproducible, check_shared_training))
 
 CHECKS: dict[str, Callable[..., None]] = {
     "declarations": check_declarations,
@@ -326,6 +357,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "predict_shape": check_predict_shape,
     "track": check_track,
     "checkpoint": check_checkpoint,
+    "bf16": check_bf16,
     "reproducible": check_reproducible,
     "shared_training": check_shared_training,
     "ddp": check_ddp,
@@ -340,7 +372,7 @@ def check_method(cls: type[Method], hparams: Mapping[str, Any] | None = None, ba
             check(cls, hparams, backbone)
 
 
-__all__ = ["ATOL", "CHECKS", "KIT_HPARAMS", "TASK", "build", "check_checkpoint", "check_ddp", "check_declarations",
+__all__ = ["ATOL", "CHECKS", "KIT_HPARAMS", "TASK", "build", "check_bf16", "check_checkpoint", "check_ddp", "check_declarations",
            "check_loss_decreases", "check_method", "check_predict_shape", "check_reproducible", "check_shared_training",
            "check_track",
            "eval_batch", "mixed_batch",

@@ -1,9 +1,10 @@
 """TVN: a frozen encoder, per-plate control-based whitening of its embeddings, and a linear head.
 
-Encoder: the backbone, frozen and always in eval mode. `encoder_checkpoint` names a state dict
-(torchvision layout, or a platebench checkpoint whose `network.featurizer.*` weights are taken);
-empty (the default) means a randomly initialised frozen encoder — a baseline for the pipeline,
-not a meaningful feature extractor. The CS-ARM-BN paper uses OpenPhenom (CA-MAE ViT-S/16) embeddings.
+Encoder: the backbone, frozen and always in eval mode, with the common `weights` hyperparameter's
+safetensors file (a public model's, or a run's encoder written by `platebench export-weights`); empty
+(the default) means a randomly initialised frozen encoder — a baseline for the pipeline, not a
+meaningful feature extractor. The CS-ARM-BN paper uses OpenPhenom (CA-MAE ViT-S/16) embeddings: the
+"foundation model + TVN" row is `--backbone vit-small --hparams weights=URI`.
 
 Every batch (training and test) is one plate's context: its queries plus that plate's negative
 controls (data_request asks for them). The transform (blocks/tvn.py, CS-ARM-BN-code form) uses the
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .backbones import build_backbone, load_torchvision_state_dict
+from .backbones import build_backbone
 from .base import Batch, Method, MethodError, Needs, as_list, queries_with_labels
 from .blocks.plate_steps import require_controls, require_plate_pure
 from .blocks.tvn import TVNFit, fit_tvn, tvn_transform
@@ -62,7 +63,7 @@ def _gather_contexts(contexts: list[torch.Tensor], device) -> list[torch.Tensor]
 class TVN(Method):
     track = "tta"
     needs = Needs(plate_pure=True, controls=True)
-    defaults = {"encoder_checkpoint": "", "n_controls": 32, "eval_n_controls": 32, "ridge": 0.5,
+    defaults = {"n_controls": 32, "eval_n_controls": 32, "ridge": 0.5,
                 "max_fit_controls": 16384}
     predict_hparams = frozenset({"eval_n_controls"})
     summary = "Frozen encoder; per-plate TVN of embeddings on the plate's controls; linear head."
@@ -77,9 +78,7 @@ class TVN(Method):
                               f"({hp['n_controls']})")
         if hp["ridge"] <= 0:
             raise MethodError(f"method 'tvn': ridge must be > 0, got {hp['ridge']}")
-        self.encoder = build_backbone(self.backbone_spec, self.task.channels)
-        if hp["encoder_checkpoint"]:
-            load_torchvision_state_dict(self.encoder, _encoder_weights(hp["encoder_checkpoint"]))
+        self.encoder = build_backbone(self.backbone_spec, self.task.channels, hp["weights"])
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         dim = self.encoder.out_dim
@@ -166,16 +165,3 @@ class TVN(Method):
 
 def _astuple(fit: TVNFit) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(fit, name) for name in _FIT_BUFFERS)
-
-
-def _encoder_weights(path: str) -> dict[str, torch.Tensor]:
-    """A torchvision-layout state dict, or the featurizer of a platebench checkpoint ({"model": ...})."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise MethodError(f"method 'tvn': cannot read encoder_checkpoint {path!r}: {exc}") from None
-    state = state.get("model", state)
-    prefix = "network.featurizer."
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from platebench.methods import MethodError
-from platebench.methods.backbones import INSERTION_POINTS, build_backbone, load_torchvision_state_dict
+from platebench.methods.backbones import INSERTION_POINTS, build_backbone, load_pretrained_state_dict
 from platebench.methods.backbones.weights import adapt_first_conv
 from torch import nn
 
@@ -92,7 +92,7 @@ def test_torchvision_state_dict_round_trip_gives_identical_outputs(name, head, l
         assert any(".norm.1." in k for k in state)
     torch.manual_seed(1)
     target = build_backbone(name, 3)
-    load_torchvision_state_dict(target, state)
+    load_pretrained_state_dict(target, state)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(source.eval()(x), target.eval()(x))
@@ -103,7 +103,7 @@ def test_first_conv_adaptation_preserves_response_to_channel_constant_images():
     rgb = build_backbone("resnet-tiny", 3).eval()
     state = _torchvision_layout(rgb, "fc")
     five = build_backbone("resnet-tiny", 5).eval()
-    load_torchvision_state_dict(five, state)
+    load_pretrained_state_dict(five, state)
     assert torch.allclose(five.conv1.weight, adapt_first_conv(rgb.conv1.weight, 5))
     plane = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
@@ -117,15 +117,15 @@ def test_mismatched_state_dicts_are_errors_listing_the_keys():
     state["layer9.weight"] = torch.zeros(1)
     with pytest.raises(MethodError, match=r"missing keys \(1\): layer2\.0\.bn1\.weight; "
                                           r"unexpected keys \(1\): layer9\.weight"):
-        load_torchvision_state_dict(backbone, state)
+        load_pretrained_state_dict(backbone, state)
     state = _torchvision_layout(backbone, "fc")
     state["conv1.weight"] = torch.zeros(16, 4, 3, 3)
     with pytest.raises(MethodError, match=r"4 input channels, backbone 3"):
-        load_torchvision_state_dict(backbone, state)
+        load_pretrained_state_dict(backbone, state)
     state = _torchvision_layout(backbone, "fc")
     state["layer1.0.conv1.weight"] = torch.zeros(16, 16, 1, 1)
     with pytest.raises(MethodError, match=r"shape mismatches \(1\): layer1\.0\.conv1\.weight \(16, 16, 1, 1\)"):
-        load_torchvision_state_dict(backbone, state)
+        load_pretrained_state_dict(backbone, state)
 
 
 def test_old_files_without_num_batches_tracked_load_every_other_tensor():
@@ -141,7 +141,7 @@ def test_old_files_without_num_batches_tracked_load_every_other_tensor():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert not torch.equal(source.eval()(x), target.eval()(x))
-        load_torchvision_state_dict(target, state)
+        load_pretrained_state_dict(target, state)
         assert torch.equal(source.eval()(x), target.eval()(x))
 
 

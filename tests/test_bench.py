@@ -87,6 +87,7 @@ def test_every_builtin_suite_resolves_to_its_recipe(capsys, suite, method, recip
     from platebench.methods import get_method
 
     got = runs[(method, "seed=0")]
+    assert got.pop("backbone") == s.backbone_of(method)
     assert set(got) == set(get_method(method).all_defaults())  # every hyperparameter, resolved
     assert {k: got[k] for k in recipe} == recipe
 

@@ -10,7 +10,7 @@ from platebench.methods import registry, testing
 
 NAMES = registry.names()
 # out of the unit tier: ddp forks two gloo ranks, the others train for several steps (seconds per method)
-SLOW_CHECKS = {"ddp", "loss_decreases", "reproducible"}
+SLOW_CHECKS = {"ddp", "loss_decreases", "reproducible", "bf16"}
 
 
 def _method_class(name: str):

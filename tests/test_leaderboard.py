@@ -6,9 +6,11 @@ Standard track: erm, coral, mixstyle (2 hparams configs) on seeds 0-2; dsu on se
 TTA track: abra+tta on seeds 0-2, main evaluation at batch size 32 with 16 controls; like the trainer,
 its sweeps are written once, at the best-validation epoch, in a separate file, and skip the main setting.
 Validation peaks at epoch 2, test at epoch 3, so a table built from the test peak would show other numbers.
+Every run has its done marker (selected epoch 2 of 3): the leaderboard command ranks complete runs only.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -73,6 +75,10 @@ def build_records(root, runs=RUNS, drop=lambda r: False):
                     rows += [_row(run_id, method, hp, track, seed, epoch, split, k, d, t + o, ebs=ebs, nc=nc)
                              for k, d, o in DOMAINS[split]]
                 write_epoch_records(str(root), run_id, epoch, [r for r in rows if not drop(r)])
+            done = Path(root) / "runs" / run_id / "done.json"
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"run_id": run_id, "method": method, "seed": seed, "selected_epoch": 2,
+                                        "final_metrics": {"epoch": 3}}))
             if track == "tta":
                 t = total(method, seed, "test", 2, off)
                 rows = [_row(run_id, method, hp, track, seed, 2, "test", "all", "all", t + o, "batch-size-sweep",
@@ -397,7 +403,7 @@ def _recode(root: str, run: str, code: str) -> None:
 
 
 def test_mixed_code_is_refused_unless_allowed_then_marked(tmp_path, capsys):
-    root = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm", "m2"), with_done=False, sweeps=False)
+    root = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm", "m2"), sweeps=False)  # done markers
     _recode(root, fixture_run_id("m2", "alpha", 1), "0.2.0+other")
     with pytest.raises(HarnessError, match=r"m2 \(0\.1\.0\+fixture, 0\.2\.0\+other\)"):
         build_leaderboard(read_records(root))
@@ -418,7 +424,7 @@ def test_mixed_code_is_refused_unless_allowed_then_marked(tmp_path, capsys):
 
 @pytest.mark.slow  # plots
 def test_cli_allow_mixed_code(tmp_path, capsys):
-    root = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm", "m2"), with_done=False, sweeps=False)
+    root = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm", "m2"), sweeps=False)  # done markers
     _recode(root, fixture_run_id("m2", "alpha", 1), "0.2.0+other")
     out = tmp_path / "lb"
     assert main(["leaderboard", "--records", root, "--out", str(out), "--allow-mixed-code"]) == 0

@@ -60,7 +60,7 @@ def test_plain_stream_delivers_the_ray_streams_batches(tiny_dataset, mode):
 def test_dataloader_baseline_yields_the_streams_plate_pure_batches(tiny_dataset):
     ds = open_dataset(str(tiny_dataset))
     cfg = replace(data.stream_config(ds, batch_size=5, parallelism=2, limit_parts=None), keep_ids=True)
-    expected = list(PlainPlateStream(ds, cfg).epoch(0))
+    expected = [batch for batch, _ in PlainPlateStream(ds, cfg).host_epoch(0)]  # the loader serves host batches
     loader, _ = plate_loader(PlainPlateStream(ds, cfg), workers=2)
     try:
         per_plate = list(loader)
@@ -114,6 +114,9 @@ def test_perf_train_plain_loop_trains_and_evaluates_what_the_run_does(tiny_datas
     assert out["plain_val_accuracy"] == pytest.approx(out["ray_val_accuracy"], abs=1e-9)
     assert out["plain_val_loss"] == pytest.approx(out["ray_val_loss"], rel=1e-6)
     assert (tmp_path / "st" / "repeat-0" / "runs" / spec.run_id / "done.json").exists()
+    # The device-side preparation is a part of the training step's time, never all of it.
+    per_step = out["plain_training_s"] / out["train_images"]
+    assert 0 < out["prep_s_per_image"] < per_step
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -152,7 +152,7 @@ def test_gain_is_undone_by_self_standardisation_but_gamma_and_blur_are_not():
     def image(**changes):
         params = {**base, **{k: [v] * fx.PARAMS[k].dims for k, v in changes.items()}}
         return _standardised(fx.microscope(fluor.copy(), params, np.zeros(16, np.float32),
-                                           np.random.default_rng(1)))
+                                           np.random.default_rng(1), CHANNELS))
 
     ref = image()
     err = {name: np.abs(image(**{name: value}) - ref).mean() for name, value in

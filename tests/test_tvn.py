@@ -141,18 +141,6 @@ def test_predict_needs_the_plates_controls():
         method.predict(batch)
 
 
-def test_encoder_checkpoint_loads_torchvision_or_platebench_layouts(tmp_path):
-    source = build(TVN, {"n_controls": 8}, seed=5)
-    tv_path, pb_path = tmp_path / "tv.pt", tmp_path / "pb.pt"
-    torch.save({**source.encoder.state_dict(), "fc.weight": torch.zeros(2, 128), "fc.bias": torch.zeros(2)}, tv_path)
-    torch.save({"model": {f"network.featurizer.{k}": v for k, v in source.encoder.state_dict().items()}}, pb_path)
-    for path in (tv_path, pb_path):
-        loaded = build(TVN, {"n_controls": 8, "encoder_checkpoint": str(path)}, seed=6)
-        assert all(torch.equal(v, source.encoder.state_dict()[k]) for k, v in loaded.encoder.state_dict().items())
-    with pytest.raises(MethodError, match=r"cannot read encoder_checkpoint '.*missing\.pt'"):
-        build(TVN, {"encoder_checkpoint": str(tmp_path / "missing.pt")})
-
-
 def test_invalid_hyperparameters_are_named():
     with pytest.raises(MethodError, match=r"n_controls must be >= 2.*got 1"):
         build(TVN, {"n_controls": 1})

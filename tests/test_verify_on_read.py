@@ -96,17 +96,20 @@ def test_ray_data_keeps_the_type_of_a_read_tasks_dataset_error(tmp_path):
 
 # ---- (b) a run on a damaged training part fails at once ----------------------------------------------------
 @pytest.mark.usefixtures("ray_session")
-def test_run_on_a_damaged_training_part_exits_2_without_done_marker_or_records(tmp_path, capsys):
+# b1 site 1 is the training split, b3 the test split: a damaged test part is found before the first epoch too,
+# not after training wrote validation records and its done marker
+@pytest.mark.parametrize("plate", ["b1p0", "b3p0"], ids=["train-part", "test-part"])
+def test_run_on_a_damaged_part_exits_2_without_done_marker_or_records(tmp_path, capsys, plate):
     root = build_tiny_dataset(tmp_path / "ds", images_per_plate=32)
-    part = _change_one_pixel(root, "b1p0")  # b1 site 1 is the training split
+    part = _change_one_pixel(root, plate)
     out = tmp_path / "out"
     rc = main(["run", "--data", root, "--split-scheme", "new_batches", "--method", "erm", "--seeds", "0",
                "--epochs", "2", "--hparams", "batch_size=8", "--out", str(out), "--no-mlflow"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert f"DatasetError: {root}/{part.path}: checksum mismatch (plate b1p0; manifest sha256 {part.sha256}" in err
+    assert f"DatasetError: {root}/{part.path}: checksum mismatch (plate {plate}; manifest sha256 {part.sha256}" in err
     assert "Traceback" not in err
-    assert not list(out.glob("runs/*/done.json"))
+    assert not list(out.glob("runs/*/done.json")) and not list(out.glob("trainings/*/done.json"))
     assert not list(out.glob("records/**/*.parquet"))
 
 

@@ -17,45 +17,45 @@ That residue is what separates the methods (tests/test_synth_calibration.py meas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from .biology import FEATURES
+from . import stains
+from .biology import feature_space
 from .presets import CHANNELS, Effects
 
 LEVELS = ("source", "batch", "plate")
-# Cross-talk: each dye bleeds into the next channel up the spectrum (source -> target).
-BLEED = ((0, 1), (1, 2), (2, 3), (3, 4))
 
 
 @dataclass(frozen=True)
 class Param:
     control: str  # the Effects field that scales it
-    dims: int
+    dims: int | str  # a count, or what it counts for a preset's channels: "features", "channels", "bleed"
     sd: tuple[float, float, float]  # per level: source, batch, plate
     base: float = 0.0
 
 
 # Calibrated so quickstart (all multipliers 1) meets tests/test_synth_calibration.py.
-PARAMS: dict[str, Param] = {
+_TABLE: dict[str, Param] = {
     # culture/cell-state drift: an offset on every morphology feature, in units of its cell-to-cell sd
-    "morphology": Param("morphology", len(FEATURES), (0.92, 0.92, 0.17)),
+    "morphology": Param("morphology", "features", (0.92, 0.92, 0.17)),
     # how strongly cells respond to perturbations (passage, confluence): log multiplier of class effects
     "response": Param("response", 1, (0.10, 0.15, 0.05)),
     "density": Param("density", 1, (0.15, 0.15, 0.10)),  # log cells per site
     "cell_size": Param("cell_size", 1, (0.06, 0.05, 0.03)),  # log cell radius
     "permeabilisation": Param("permeabilisation", 1, (0.15, 0.15, 0.08)),  # log nuclear stain access (not DNA)
-    "gain": Param("gain", len(CHANNELS), (0.30, 0.20, 0.10)),  # log stain efficiency x exposure
-    "offset": Param("offset", len(CHANNELS), (0.02, 0.015, 0.008), base=0.04),  # detector background
-    "gamma": Param("gamma", len(CHANNELS), (0.15, 0.15, 0.05)),  # log detector/processing gamma
+    "gain": Param("gain", "channels", (0.30, 0.20, 0.10)),  # log stain efficiency x exposure
+    "offset": Param("offset", "channels", (0.02, 0.015, 0.008), base=0.04),  # detector background
+    "gamma": Param("gamma", "channels", (0.15, 0.15, 0.05)),  # log detector/processing gamma
     "vignette": Param("vignette", 1, (0.10, 0.06, 0.03), base=0.15),  # illumination fall-off at the corners
     "vignette_x": Param("vignette", 1, (0.12, 0.05, 0.0)),  # optical-axis offset
     "vignette_y": Param("vignette", 1, (0.12, 0.05, 0.0)),
     "blur": Param("blur", 1, (0.30, 0.30, 0.15)),  # log PSF width
     "noise": Param("noise", 1, (0.40, 0.30, 0.20)),  # log (1 / photon budget)
     "magnification": Param("texture_scale", 1, (0.10, 0.08, 0.02)),  # log pixel-size ratio
-    "crosstalk": Param("crosstalk", len(BLEED), (0.05, 0.05, 0.0)),  # bleed-through fractions (abs value)
+    "crosstalk": Param("crosstalk", "bleed", (0.05, 0.05, 0.0)),  # bleed-through fractions (abs value), stains.bleed
     "edge": Param("edge", 1, (0.30, 0.30, 0.30)),  # log severity of edge-well effects
     "gradient": Param("edge", 1, (0.0, 0.04, 0.04)),  # log-gain slope across the plate's columns
 }
@@ -73,19 +73,30 @@ EDGE_GAIN = 0.12  # log intensity change in edge wells at severity 1
 
 
 # Every parameter must be scaled by an existing Effects field (a typo here would silently never scale).
-assert {p.control for p in PARAMS.values()} <= {f.name for f in fields(Effects)}
+assert {p.control for p in _TABLE.values()} <= {f.name for f in fields(Effects)}
 
 
-def level_draws(rng: np.random.Generator) -> dict[str, np.ndarray]:
+@functools.cache
+def params_for(channels: tuple[str, ...]) -> dict[str, Param]:
+    """The effect parameters of images in `channels`, each with its number of dimensions."""
+    dims = {"features": len(feature_space(channels).names), "channels": len(channels),
+            "bleed": len(stains.bleed(channels))}
+    return {name: replace(p, dims=dims.get(p.dims, p.dims)) for name, p in _TABLE.items()}
+
+
+PARAMS = params_for(CHANNELS)  # those of the default channels
+
+
+def level_draws(rng: np.random.Generator, params: dict[str, Param]) -> dict[str, np.ndarray]:
     """Draws for one domain (a source, a batch or a plate), one vector per parameter. Each multi-channel
     parameter (morphology drift, gain, gamma, ...) and the group of scalar ones (blur, noise, density, ...)
     is a random direction with the norm √D that a D-dimensional standard normal has on average: single
     coordinates stay close to N(0, 1), but the size of each kind of shift is the preset's whatever the
     seed, and only its direction is drawn. (With independent standard normals the ID → new-batches gap of
     two data seeds differed three-fold: a benchmark's difficulty was luck.)"""
-    z = {name: rng.standard_normal(p.dims) for name, p in PARAMS.items()}
-    scalars = [name for name, p in PARAMS.items() if p.dims == 1]
-    groups = [[name] for name, p in PARAMS.items() if p.dims > 1] + [scalars]
+    z = {name: rng.standard_normal(p.dims) for name, p in params.items()}
+    scalars = [name for name, p in params.items() if p.dims == 1]
+    groups = [[name] for name, p in params.items() if p.dims > 1] + [scalars]
     for group in groups:
         flat = np.concatenate([z[name] for name in group])
         scale = np.sqrt(flat.size) / max(float(np.linalg.norm(flat)), 1e-12)
@@ -97,7 +108,7 @@ def level_draws(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def resolve(effects: Effects, draws: dict[str, dict[str, np.ndarray]]) -> dict[str, list[float]]:
     """Plate parameters from the draws of its source, batch and plate (`draws[level][param]`)."""
     out = {}
-    for name, p in PARAMS.items():
+    for name, p in _TABLE.items():
         scale = effects.strength * getattr(effects, p.control)
         total = sum(getattr(effects, lvl) * sd * draws[lvl][name] for lvl, sd in zip(LEVELS, p.sd))
         out[name] = [round(float(v), 6) for v in p.base + scale * total]
@@ -110,18 +121,18 @@ def interaction(effects: Effects, source_draw: np.ndarray, batch_draw: np.ndarra
 
 
 def microscope(fluor: np.ndarray, plate: dict[str, list[float]], well_gain: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
-    """Image formation: float fluorescence [N, C, H, W] -> uint8 images, in place where possible.
+               rng: np.random.Generator, channels: tuple[str, ...]) -> np.ndarray:
+    """Image formation: float fluorescence [N, C, H, W] of `channels` -> uint8 images, in place where possible.
 
     `well_gain` [N] is the log gain of each image's well (edge wells, plate gradient).
     """
     n, c, size, _ = fluor.shape
     x = fluor
-    for (src, dst), coef in zip(BLEED, plate["crosstalk"]):
+    for (src, dst), coef in zip(stains.bleed(channels), plate["crosstalk"]):
         x[:, dst] += np.float32(abs(coef)) * fluor[:, src]
     gain = np.exp(np.asarray(plate["gain"])[None, :] + well_gain[:, None]).astype(np.float32)
     x *= gain[:, :, None, None]
-    x *= _vignette(plate, size)[None]
+    x *= _vignette(plate, size, channels)[None]
     x = _blur(x, plate["blur"][0], rng)
     photons = np.float32(PHOTONS * np.exp(-plate["noise"][0]))
     signal = np.maximum(x, 0) * photons
@@ -151,11 +162,13 @@ def _detector(v: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     return out
 
 
-def _vignette(plate: dict, size: int) -> np.ndarray:
+def _vignette(plate: dict, size: int, channels: tuple[str, ...]) -> np.ndarray:
     """Illumination [C, H, W]: radial fall-off around an off-centre axis, a little stronger at long wavelengths."""
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
     r2 = (grid[None, :] - plate["vignette_x"][0]) ** 2 + (grid[:, None] - plate["vignette_y"][0]) ** 2
-    strength = np.clip(plate["vignette"][0], 0.0, 0.8) * np.linspace(0.8, 1.2, len(CHANNELS), dtype=np.float32)
+    by_wavelength = np.empty(len(channels), dtype=np.float32)
+    by_wavelength[stains.spectral_order(channels)] = np.linspace(0.8, 1.2, len(channels), dtype=np.float32)
+    strength = np.clip(plate["vignette"][0], 0.0, 0.8) * by_wavelength
     return np.clip(1 - strength[:, None, None] * r2[None] / 0.5, 0.05, 1).astype(np.float32)
 
 

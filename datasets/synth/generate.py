@@ -17,8 +17,8 @@ import pyarrow as pa
 from ..manifest import Manifest, Part, SplitScheme
 from ..predicates import all_of, eq, isin
 from ..shards import make_table
-from . import biology, effects, render
-from .presets import CHANNELS, Preset, get_preset
+from . import biology, effects, render, stains
+from .presets import Preset, get_preset
 
 GENERATOR_VERSION = 1
 # Independent random streams derived from the seed: the label-shift proportions have their own, so
@@ -55,7 +55,17 @@ class Plan:
 
     @property
     def image_nbytes(self) -> int:
-        return len(CHANNELS) * self.preset.size ** 2
+        return len(self.preset.channels) * self.preset.size ** 2
+
+    @property
+    def features(self) -> biology.FeatureSpace:
+        return biology.feature_space(self.preset.channels)
+
+    def well_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Plate row and column of every imaged well, in well order."""
+        lay = self.preset.layout
+        rows, cols = np.divmod(np.arange(len(self.wells)), lay.cols - 2 * lay.empty_border)
+        return rows + lay.empty_border, cols + lay.empty_border
 
     @property
     def images_per_plate(self) -> int:
@@ -68,27 +78,29 @@ def plan(preset: Preset | str, seed: int) -> Plan:
     rng = np.random.default_rng(np.random.SeedSequence([seed, _PLAN]))
     bio_rng = np.random.default_rng(np.random.SeedSequence([seed, _BIOLOGY]))
     label_rng = np.random.default_rng(np.random.SeedSequence([seed, _LABELS]))
-    perts = biology.perturbations(preset.biology, bio_rng)
-    cell_types = biology.cell_type_offsets(lay.cell_types, preset.biology, bio_rng)
-    wells = [f"{string.ascii_uppercase[r]}{c + 1:02d}" for r in range(lay.rows) for c in range(lay.cols)]
+    space, effect_params = biology.feature_space(preset.channels), effects.params_for(preset.channels)
+    perts = biology.perturbations(preset.biology, space, bio_rng)
+    cell_types = biology.cell_type_offsets(lay.cell_types, preset.biology, space, bio_rng)
+    e = lay.empty_border
+    wells = [f"{string.ascii_uppercase[r]}{c + 1:02d}" for r in range(e, lay.rows - e) for c in range(e, lay.cols - e)]
     # Controls at fixed, evenly spread positions (a plate map, like DMSO columns), corners included.
     controls = sorted({int(round(i)) for i in np.linspace(0, len(wells) - 1, lay.control_wells)})
     n_test_start = lay.batches_per_source - lay.test_batches
     n_val_start = n_test_start - lay.val_batches
     plates, index, interactions = [], 0, {}
-    inter_shape = (preset.biology.num_classes, len(biology.FEATURES))
+    inter_shape = (preset.biology.num_classes, len(space.names))
     for s in range(lay.sources):
         source = f"S{s + 1}"
-        source_draws = effects.level_draws(rng)
+        source_draws = effects.level_draws(rng, effect_params)
         source_inter = rng.standard_normal(inter_shape)
         for b in range(lay.batches_per_source):
             batch = f"{source}B{b + 1}"
             role = "test" if b >= n_test_start else "val" if b >= n_val_start else "train"
-            batch_draws = effects.level_draws(rng)
+            batch_draws = effects.level_draws(rng, effect_params)
             interactions[batch] = effects.interaction(preset.effects, source_inter, rng.standard_normal(inter_shape)
-                                                      ) * biology.SCALES
+                                                      ) * space.scales
             for p in range(lay.plates_per_batch):
-                plate_draws = effects.level_draws(rng)
+                plate_draws = effects.level_draws(rng, effect_params)
                 weights = None
                 if role == "test" and preset.effects.label_shift_alpha > 0:
                     alpha = preset.effects.label_shift_alpha
@@ -163,41 +175,56 @@ def generate_plate(plan: Plan, spec: PlateSpec) -> pa.Table:
     for k in range(bio.num_classes):
         idx = np.flatnonzero(labels == k)
         compound[idx] = np.arange(len(idx)) % bio.perturbations_per_class
-    rows, cols = np.divmod(np.arange(len(labels)), preset.layout.cols)
+    rows, cols = plan.well_positions()
     edge = (rows == 0) | (rows == preset.layout.rows - 1) | (cols == 0) | (cols == preset.layout.cols - 1)
     severity = np.exp(spec.effects["edge"][0])
-
-    image_means = np.repeat(_well_means(plan, spec, labels, compound, severity * edge, rng), 2, axis=0)
-    level = biology.IMAGE_LEVEL  # textures and density also vary from site to site
-    image_means[:, level] += rng.standard_normal((len(image_means), int(level.sum()))) * (
-        IMAGE_SD * biology.SCALES[level])
-    feats, active = biology.sample_cells(image_means, bio.max_cells, bio.cells_per_site, bio.cell_variation, rng)
-    magnification = np.full(len(image_means), np.exp(spec.effects["magnification"][0]))
-    fluor = render.render(feats, active, preset.size, magnification, rng)
     # position effects on intensity: edge wells (evaporation) and a gradient across the columns
     col_pos = cols / max(1, preset.layout.cols - 1) - 0.5
-    well_gain = effects.EDGE_GAIN * severity * edge + spec.effects["gradient"][0] * col_pos
-    images = effects.microscope(fluor, spec.effects, np.repeat(well_gain, 2).astype(np.float32), rng)
+    well_gain = np.repeat(effects.EDGE_GAIN * severity * edge + spec.effects["gradient"][0] * col_pos, 2)
+
+    image_means = np.repeat(_well_means(plan, spec, labels, compound, severity * edge, rng), 2, axis=0)
+    n = len(image_means)
+    step = preset.images_per_pass or n
+    images = np.empty((n, len(preset.channels), preset.size, preset.size), dtype=np.uint8)
+    for start in range(0, n, step):  # one pass: the plate's random stream continues where the last one left it
+        sl = slice(start, start + step)
+        images[sl] = _images(plan, spec, image_means[sl], well_gain[sl].astype(np.float32), rng)
     return make_table(_metadata(plan, spec, labels, compound), images)
+
+
+def _images(plan: Plan, spec: PlateSpec, image_means: np.ndarray, well_gain: np.ndarray,
+            rng: np.random.Generator) -> np.ndarray:
+    """uint8 images [N, C, H, W] of the sites whose mean features are `image_means` [N, F]."""
+    preset, bio, space = plan.preset, plan.preset.biology, plan.features
+    level = space.image_level  # textures and density also vary from site to site
+    image_means[:, level] += rng.standard_normal((len(image_means), int(level.sum()))) * (
+        IMAGE_SD * space.scales[level])
+    feats, active = biology.sample_cells(image_means, bio.max_cells, bio.cells_per_site, bio.cell_variation, space,
+                                         rng)
+    magnification = np.full(len(image_means), np.exp(spec.effects["magnification"][0]))
+    fluor = render.render(feats, active, preset.size, magnification, space, rng)
+    return effects.microscope(fluor, spec.effects, well_gain, rng, preset.channels)
 
 
 def _well_means(plan: Plan, spec: PlateSpec, labels: np.ndarray, compound: np.ndarray, edge: np.ndarray,
                 rng: np.random.Generator) -> np.ndarray:
     """Mean morphology features of every well [wells, F]: cell type + biological batch effects +
     perturbation (scaled by the plate's responsiveness, bent by the batch's interaction) + position."""
-    fx, idx = spec.effects, biology.INDEX
-    plate = plan.cell_types[spec.cell_type] + np.asarray(fx["morphology"]) * biology.SCALES
+    fx, space = spec.effects, plan.features
+    idx = space.index
+    plate = plan.cell_types[spec.cell_type] + np.asarray(fx["morphology"]) * space.scales
     # a larger magnification shows fewer cells per field of view
     plate[idx["density"]] += fx["density"][0] - 2 * fx["magnification"][0]
     plate[idx["cell_size"]] += fx["cell_size"][0]
-    for ch in CHANNELS[1:]:  # the DNA dye reaches the nucleus whatever the permeabilisation
-        plate[idx[f"int_nuc_{ch}"]] += fx["permeabilisation"][0]
+    for ch in space.channels:  # a permeant dye (Hoechst) reaches the nucleus whatever the permeabilisation
+        if not stains.STAINS[ch].permeant:
+            plate[idx[f"int_nuc_{ch}"]] += fx["permeabilisation"][0]
     means = np.tile(plate, (len(labels), 1))
     treated = labels >= 0
     means[treated] += np.exp(fx["response"][0]) * plan.perturbations.effects[labels[treated], compound[treated]]
     means[treated] += plan.interactions[spec.batch][labels[treated]]
     means[:, idx["density"]] += effects.EDGE_DENSITY * edge
-    return means + rng.standard_normal(means.shape) * (WELL_SD * biology.SCALES)
+    return means + rng.standard_normal(means.shape) * (WELL_SD * space.scales)
 
 
 def _metadata(plan: Plan, spec: PlateSpec, labels: np.ndarray, compound: np.ndarray) -> dict:
@@ -219,7 +246,7 @@ def manifest_for(plan: Plan, parts: list[Part]) -> Manifest:
     """The dataset's manifest, once every plate's parts are written."""
     preset = plan.preset
     return Manifest(
-        name=f"synth-{preset.name}", version=f"seed-{plan.seed}", channels=list(CHANNELS), height=preset.size,
+        name=f"synth-{preset.name}", version=f"seed-{plan.seed}", channels=list(preset.channels), height=preset.size,
         width=preset.size, dtype="uint8", classes=list(plan.perturbations.classes),
         negative_control={"description": "DMSO wells: no perturbation (label -1, is_control true), "
                                          f"{len(plan.control_wells)} fixed wells on every plate",

@@ -1,6 +1,6 @@
 """Presets of the synthetic plate generator: plain dataclasses, overridable by dotted keys.
 
-A preset fixes everything that shapes a dataset (layout of the plate hierarchy, biology, batch
+A preset fixes everything that shapes a dataset (channels, layout of the plate hierarchy, biology, batch
 effects, split scheme roles); the seed fixes the random draws. `get_preset("quickstart",
 {"effects.blur": 2, "size": 64})` returns a modified copy; an unknown preset, an unknown key or a
 value of the wrong type is an error naming it, so a typo never silently yields the default dataset.
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from ..errors import DatasetError
+from .stains import CELL_PAINTING, RXRX1, STAINS
 
-CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
+CHANNELS = CELL_PAINTING  # the default channels
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class Layout:
     plates_per_batch: int = 3
     rows: int = 8
     cols: int = 12
-    control_wells: int = 16  # negative-control (DMSO) wells per plate, spread over the plate
+    # Outer rings of wells left empty: RxRx1 images the inner 14 x 22 = 308 wells of its 16 x 24 plates.
+    # Edge-well effects hit the plate's outermost ring, so with a border no imaged well has them.
+    empty_border: int = 0
+    control_wells: int = 16  # negative-control (DMSO) wells per plate, spread over the imaged wells
     cell_types: tuple[str, ...] = ("U2OS",)  # one per plate, cycling within each batch
     # Batch roles per source, taken from its last batches: the last `test_batches` are held out for
     # `new_batches`' test split, the `val_batches` before them for its selection split.
@@ -86,6 +90,11 @@ class Preset:
     name: str
     description: str
     size: int = 32
+    channels: tuple[str, ...] = CHANNELS  # stains (stains.STAINS) in image-channel order
+    # Images rendered together (0: the whole plate at once). A pass holds C x size^2 float32 per image
+    # several times over, so large images need small passes; they draw from the plate's random stream in
+    # turn, so this is part of what the seed reproduces.
+    images_per_pass: int = 0
     layout: Layout = field(default_factory=Layout)
     biology: Biology = field(default_factory=Biology)
     effects: Effects = field(default_factory=Effects)
@@ -130,6 +139,18 @@ PRESETS: dict[str, Preset] = {
         name="large", description="throughput tests: 112 plates of 128 wells (256 images), 96 px, 4 labs", size=96,
         layout=Layout(sources=4, batches_per_source=7, plates_per_batch=4, rows=8, cols=16, control_wells=16,
                       cell_types=("U2OS", "HepG2")),
+        biology=Biology(num_classes=12),
+    ),
+    # RxRx1's images and plate map (512 px, 6 channels, 308 imaged wells x 2 sites, 4 cell types, 4 plates an
+    # experiment) for measuring the input path at the papers' size; few batches, so that it fits a disk
+    # (cut further with --set layout.batches_per_source=3 --set layout.plates_per_batch=1: 6 plates). One
+    # negative control per plate, as RxRx1's; RxRx1's 30 positive controls are treated wells here.
+    "rxrx1-scale": Preset(
+        name="rxrx1-scale", description="input-path tests at the papers' scale: 24 plates of 308 wells (616 images), "
+                                        "6x512x512, RxRx1's channels and plate map, 4 cell types", size=512,
+        channels=RXRX1, images_per_pass=16,
+        layout=Layout(sources=2, batches_per_source=3, plates_per_batch=4, rows=16, cols=24, empty_border=1,
+                      control_wells=1, cell_types=("HEPG2", "HUVEC", "RPE", "U2OS"), test_batches=1),
         biology=Biology(num_classes=12),
     ),
 }
@@ -209,8 +230,12 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
 def validate(p: Preset) -> None:
     """Reject presets that cannot make a dataset, naming the field and value."""
     lay, bio, eff = p.layout, p.biology, p.effects
+    imaged = (lay.rows - 2 * lay.empty_border) * (lay.cols - 2 * lay.empty_border)
     checks = [
         (p.size >= 8, "size", p.size, "at least 8"),
+        (len(p.channels) >= 2 and len(set(p.channels)) == len(p.channels) and set(p.channels) <= set(STAINS),
+         "channels", p.channels, f"at least 2 distinct stains of {', '.join(STAINS)}"),
+        (p.images_per_pass >= 0, "images_per_pass", p.images_per_pass, "0 (the whole plate) or positive"),
         (lay.sources >= 2, "layout.sources", lay.sources, "at least 2 (new_lab holds one out)"),
         (1 <= lay.lab_holdout < lay.sources, "layout.lab_holdout", lay.lab_holdout, "between 1 and sources-1"),
         (lay.val_batches >= 1 and lay.test_batches >= 1, "layout.val_batches/test_batches",
@@ -220,7 +245,9 @@ def validate(p: Preset) -> None:
         (lay.plates_per_batch >= 1, "layout.plates_per_batch", lay.plates_per_batch, "at least 1"),
         (lay.rows >= 2 and lay.cols >= 2 and lay.rows <= 26, "layout.rows/cols", (lay.rows, lay.cols),
          "2..26 rows and at least 2 columns"),
-        (1 <= lay.control_wells <= lay.rows * lay.cols - bio.num_classes, "layout.control_wells",
+        (lay.empty_border >= 0 and min(lay.rows, lay.cols) - 2 * lay.empty_border >= 2, "layout.empty_border",
+         lay.empty_border, "0 or more, leaving at least 2 imaged rows and columns"),
+        (1 <= lay.control_wells <= imaged - bio.num_classes, "layout.control_wells",
          lay.control_wells, "at least 1 and leaving a well per class"),
         (len(lay.cell_types) >= 1, "layout.cell_types", lay.cell_types, "at least one name"),
         (bio.num_classes >= 2, "biology.num_classes", bio.num_classes, "at least 2"),

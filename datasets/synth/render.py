@@ -1,8 +1,9 @@
-"""Render cells into 5-channel Cell Painting-like fluorescence images (float32, before the microscope).
+"""Render cells into Cell Painting-like fluorescence images (float32, before the microscope).
 
 Vectorised over images and cells: every cell is an irregular ellipse (radial harmonics 2 and 3)
 with an off-centre nucleus, evaluated on the whole pixel grid at once, so a chunk of images costs a
-few array passes. Channels follow the Cell Painting stains:
+few array passes. Channels follow the preset's stains (`stains.STAINS`: nucleus, cytoplasm, perinuclear
+pile-up, membrane ring, texture), e.g. for Cell Painting:
     DNA  (Hoechst)            nucleus, fine chromatin granularity
     ER   (concanavalin A)     cytoplasm, concentrated around the nucleus, reticular texture
     RNA  (SYTO 14)            nucleoli-like nuclear spots plus diffuse cytoplasm
@@ -15,50 +16,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from .biology import FEATURES, INDEX
-from .presets import CHANNELS
+from . import stains
+from .biology import FeatureSpace
 
-N_CH = len(CHANNELS)
 CELL_RADIUS = 0.16  # fraction of the image side, at magnification 1
 NUCLEUS_RATIO = 0.45
 ASPECT = 0.25  # log axis ratio of an unperturbed cell
 IRREGULARITY = 0.10
-# Baseline stain intensity per compartment (arbitrary fluorescence units) for DNA, ER, RNA, AGP, Mito.
-INT_NUC = np.array([1.00, 0.12, 0.55, 0.08, 0.06])
-INT_CYTO = np.array([0.02, 0.60, 0.30, 0.35, 0.55])
-PERINUCLEAR = np.array([0.0, 1.0, 0.3, 0.0, 1.0])  # how strongly a channel's cytoplasm piles up near the nucleus
-MEMBRANE = np.array([0.0, 0.0, 0.0, 0.50, 0.0])
-# Texture: log-normal modulation amplitude, frequency in cycles per cell radius, anisotropy (fibres).
-TEX_AMP = np.array([0.30, 0.55, 0.60, 0.50, 0.75])
-TEX_FREQ = np.array([1.5, 1.0, 0.8, 1.2, 1.6])  # below Nyquist at 32 px (5 px cell radius)
-TEX_ANISO = np.array([0.0, 0.0, 0.0, 2.5, 0.0])
 _CHUNK_ELEMENTS = 1_000_000  # cell-patch pixels evaluated per pass (bounds memory, stays cache-friendly)
 
 
-def _feature_block(name: str) -> list[int]:
-    return [INDEX[f"{name}_{c}"] for c in CHANNELS]
-
-
-_INT_NUC, _INT_CYTO = _feature_block("int_nuc"), _feature_block("int_cyto")
-_TEX_AMP, _TEX_FREQ = _feature_block("tex_amp"), _feature_block("tex_freq")
-assert len(FEATURES) == max(INDEX.values()) + 1
-
-
-def render(feats: np.ndarray, active: np.ndarray, size: int, magnification: np.ndarray,
+def render(feats: np.ndarray, active: np.ndarray, size: int, magnification: np.ndarray, space: FeatureSpace,
            rng: np.random.Generator) -> np.ndarray:
-    """Fluorescence images [N, 5, size, size] from cell features [N, M, F] and the active mask [N, M].
+    """Fluorescence images [N, C, size, size] of `space.channels` from cell features [N, M, F] and the active
+    mask [N, M].
 
     `magnification` [N] scales cells and textures in pixels (a microscope property: sources differ).
     Each active cell is evaluated on its own square patch (large enough for the plate's biggest cell)
     and added into its image, so the cost grows with the cells' area, not with cells x image area.
     """
     n = feats.shape[0]
-    out = np.zeros((n, N_CH, size, size), dtype=np.float32)
-    g = _geometry(feats, active, magnification, rng)
+    out = np.zeros((n, len(space.channels), size, size), dtype=np.float32)
+    g = _geometry(feats, active, magnification, space, rng)
     image_of, slot = np.nonzero(active)
     g = {k: v[image_of, slot] for k, v in g.items()}
-    weights = _weights(feats[image_of, slot]).astype(np.float32)  # [K, 4, C]
-    perinuclear = feats[image_of, slot, INDEX["perinuclear"]]
+    weights = _weights(feats[image_of, slot], space).astype(np.float32)  # [K, 4, C]
+    perinuclear = feats[image_of, slot, space.index["perinuclear"]]
     # Patch side: the largest cell's bounding radius (irregular ellipse) plus the soft edge.
     reach = g["radius"] * np.sqrt(g["aspect"]) * (1 + g["a2"] + g["a3"]) * size + 2
     half = int(np.ceil(reach.max()))
@@ -76,13 +59,13 @@ def render(feats: np.ndarray, active: np.ndarray, size: int, magnification: np.n
             a, b = max(0, -ys), min(patch, size - ys)
             c, d = max(0, -xs), min(patch, size - xs)
             out[img, :, ys + a: ys + b, xs + c: xs + d] += contrib[k, :, a:b, c:d]
-    out *= _textures(feats[:, 0, :], magnification, size, rng)
+    out *= _textures(feats[:, 0, :], magnification, size, space, rng)
     return out
 
 
-def _geometry(feats, active, magnification, rng) -> dict[str, np.ndarray]:
+def _geometry(feats, active, magnification, space: FeatureSpace, rng) -> dict[str, np.ndarray]:
     n, m, _ = feats.shape
-    f = lambda name: feats[:, :, INDEX[name]]  # noqa: E731
+    f = lambda name: feats[:, :, space.index[name]]  # noqa: E731
     radius = CELL_RADIUS * np.exp(f("cell_size")) * magnification[:, None]
     aspect = np.exp(ASPECT + f("elongation"))
     irr = np.clip(IRREGULARITY + f("irregularity"), 0.0, 0.35)
@@ -140,15 +123,17 @@ def _cells(g: dict[str, np.ndarray], x0: np.ndarray, y0: np.ndarray, perinuclear
     peri = cyto * np.exp(-kpn * np.maximum(dn - 1, 0) * ratio)
     ring = 4 * cell * (1 - cell)
     fields = np.stack([nuc, cyto, peri, ring], axis=1).reshape(k, 4, patch * patch)
-    return np.matmul(weights.transpose(0, 2, 1), fields).reshape(k, N_CH, patch, patch)
+    return np.matmul(weights.transpose(0, 2, 1), fields).reshape(k, weights.shape[-1], patch, patch)
 
 
-def _weights(feats: np.ndarray) -> np.ndarray:
+def _weights(feats: np.ndarray, space: FeatureSpace) -> np.ndarray:
     """Per-cell channel intensity of each compartment field: [K, 4 (nuc, cyto, peri, ring), C]."""
-    i_nuc = INT_NUC * np.exp(feats[..., _INT_NUC])
-    i_cyto = INT_CYTO * np.exp(feats[..., _INT_CYTO])
-    ring = MEMBRANE * np.exp(feats[..., INDEX["membrane"]])[..., None]
-    return np.stack([i_nuc, i_cyto * (1 - PERINUCLEAR), i_cyto * PERINUCLEAR * 1.6, ring], axis=-2)
+    ch = space.channels
+    perinuclear = stains.values(ch, "perinuclear")
+    i_nuc = stains.values(ch, "nucleus") * np.exp(feats[..., space.block("int_nuc")])
+    i_cyto = stains.values(ch, "cytoplasm") * np.exp(feats[..., space.block("int_cyto")])
+    ring = stains.values(ch, "membrane") * np.exp(feats[..., space.index["membrane"]])[..., None]
+    return np.stack([i_nuc, i_cyto * (1 - perinuclear), i_cyto * perinuclear * 1.6, ring], axis=-2)
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -156,15 +141,17 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def _textures(image_feats: np.ndarray, magnification: np.ndarray, size: int, rng) -> np.ndarray:
-    """Log-normal organelle texture per image and channel: band-pass noise (oriented for AGP fibres).
+def _textures(image_feats: np.ndarray, magnification: np.ndarray, size: int, space: FeatureSpace, rng
+              ) -> np.ndarray:
+    """Log-normal organelle texture per image and channel: band-pass noise (oriented for actin fibres).
 
     The noise is drawn directly in the Fourier domain (complex Gaussian), so one inverse FFT suffices.
     """
-    n = image_feats.shape[0]
-    amp = (TEX_AMP * np.exp(image_feats[:, _TEX_AMP])).astype(np.float32)
+    n, ch = image_feats.shape[0], space.channels
+    amp = (stains.values(ch, "tex_amp") * np.exp(image_feats[:, space.block("tex_amp")])).astype(np.float32)
     # cycles per pixel: cycles per cell radius / cell radius in pixels; capped below Nyquist
-    freq = TEX_FREQ * np.exp(image_feats[:, _TEX_FREQ]) / (CELL_RADIUS * magnification[:, None] * size)
+    freq = stains.values(ch, "tex_freq") * np.exp(image_feats[:, space.block("tex_freq")]) / (
+        CELL_RADIUS * magnification[:, None] * size)
     freq = np.minimum(freq, 0.42).astype(np.float32)
     fy = np.fft.fftfreq(size).astype(np.float32)[:, None]
     fx = np.fft.rfftfreq(size).astype(np.float32)[None, :]
@@ -175,9 +162,10 @@ def _textures(image_feats: np.ndarray, magnification: np.ndarray, size: int, rng
     angle = np.arctan2(fy, fx)
     theta = rng.uniform(0, np.pi, n).astype(np.float32)
     c2t, s2t = np.cos(2 * theta)[:, None, None], np.sin(2 * theta)[:, None, None]
-    for ch in np.flatnonzero(TEX_ANISO):
+    aniso = stains.values(ch, "tex_aniso")
+    for c in np.flatnonzero(aniso):
         cos2 = np.cos(2 * angle)[None] * c2t + np.sin(2 * angle)[None] * s2t  # cos(2 (angle - theta))
-        band[:, ch] *= np.exp(np.float32(TEX_ANISO[ch]) * (cos2 - 1))
+        band[:, c] *= np.exp(np.float32(aniso[c]) * (cos2 - 1))
     band[:, :, 0, 0] = 0.0
     shape = band.shape
     spectrum = band * rng.standard_normal(shape, dtype=np.float32) + 1j * (band * rng.standard_normal(

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import torch
 from platebench.methods import Batch, Method
 from platebench.methods.distributed import all_gather_objects
+from platebench.methods.precision import autocast
 
 from ..data.rebatch import Rebatcher, RowBatch
 from ..data.stream import PlateStream
@@ -113,19 +114,19 @@ def training_batches(evaluator, max_images_per_plate: int | None = REFERENCE_IMA
             if max_images_per_plate is not None and taken >= max_images_per_plate:
                 break
             taken += item.queries.num_rows
-            yield stream.convert(item)
+            yield stream.convert(item, evaluator.device)
 
 
 def analyze(method: Method, evaluator, train_reference: Iterable[Batch] | None, epoch: int, *,
             null_size: int = NULL_SIZE, seed: int = 0) -> Representation:
     """Embed, aggregate and measure (see the module docstring); rows, profiles and per-layer BN shifts."""
     method.eval()
-    with torch.no_grad(), BNCapture(method) as capture:
+    # Embeddings under the run's precision, as its predictions; BN inputs and features are read back in float32.
+    with torch.no_grad(), BNCapture(method) as capture, autocast(evaluator.spec.precision, evaluator.device):
         reference = None
         if train_reference is not None and capture.names:
             local = Moments(len(capture.names), seed)
             for batch in train_reference:  # queries first, as to_batch makes them
-                batch = batch.to(evaluator.device)
                 capture.embed(method, batch, local, int(batch.queries.sum()))
             reference = Reference.merge(all_gather_objects([local.state()]), capture, seed)
         local_splits = {split: _embed_split(method, evaluator, split, capture, reference, seed)
@@ -260,7 +261,7 @@ def _embed_split(method: Method, evaluator, split: str, capture: BNCapture, refe
         control_chunks = _split_rows_evenly(controls, len(items)) if tta_controls else []
         for i, item in enumerate(items):
             n_q = item.queries.num_rows
-            feats = capture.embed(method, stream.convert(item).to(ev.device), moments, n_q)
+            feats = capture.embed(method, stream.convert(item, ev.device), moments, n_q)
             wells.add(item.queries, feats[:n_q])
             n_queries += n_q
             if control_chunks and control_chunks[i] is not None:
@@ -270,13 +271,13 @@ def _embed_split(method: Method, evaluator, split: str, capture: BNCapture, refe
                 chunk = control_chunks[i]
                 joined = RowBatch(queries=pa.concat_tables([item.queries, chunk]), controls=item.controls,
                                   plate=item.plate)
-                feats = capture.embed(method, stream.convert(joined).to(ev.device), None, 0)
+                feats = capture.embed(method, stream.convert(joined, ev.device), None, 0)
                 wells.add(chunk, feats[n_q:n_q + chunk.num_rows])
         if ev.track != "tta" and controls is not None:  # eval mode: rows are independent, any batching will do
             size = ev.main_batch or controls.num_rows
             for start in range(0, controls.num_rows, size):
                 chunk = controls.slice(start, size)
-                feats = capture.embed(method, stream.convert(RowBatch(chunk, None, plate)).to(ev.device), None, 0)
+                feats = capture.embed(method, stream.convert(RowBatch(chunk, None, plate), ev.device), None, 0)
                 wells.add(chunk, feats[: chunk.num_rows])
         if moments is not None and n_queries:
             shifts.append({"plate": plate, "batch": stream.domains.plate_meta[plate]["batch"], "n": n_queries,

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HarnessError
-from ..results.layout import DONE_FILE, SPEC_FILE, finished_run_ids, read_run_json, run_file
+from ..results.layout import DONE_FILE, SPEC_FILE, finished_run_id, read_run_json, run_file, weights_epoch
 
 PROJECTIONS = ("umap", "tsne")
 
@@ -34,10 +34,9 @@ def add_parser(sub):
                                    "and per-layer shift curves. STORAGE holds the run's runs/, trainings/ and "
                                    "records/; without --data the run's own dataset is read (the same checksum).")
     flags.add_records_flag(p)
-    p.add_argument("--run", required=True, metavar="RUN_ID",
-                   help="run id, or a prefix naming one finished run (e.g. erm-s0); runs/<RUN_ID>/done.json must exist")
+    flags.add_run_flag(p)
     flags.add_out_flag(p)
-    p.add_argument("--epoch", type=flags.positive_int, help="epoch to analyse (default: the run's selected epoch)")
+    flags.add_epoch_flag(p)
     flags.add_data_flag(p)
     p.add_argument("--projection", choices=PROJECTIONS, default="umap",
                    help="2-D projection of the profiles: umap (umap-learn, default) or tsne (scikit-learn)")
@@ -55,19 +54,6 @@ def _run_file(storage: str, run_id: str, name: str) -> dict:
     return data
 
 
-def _resolve_run(storage: str, prefix: str) -> str:
-    """The finished run whose id is `prefix` or starts with it (exactly one)."""
-    ids = finished_run_ids(storage)
-    if prefix in ids:
-        return prefix
-    matches = [i for i in ids if i.startswith(prefix)]
-    if len(matches) != 1:
-        raise HarnessError(f"--run {prefix!r}: {'no finished run' if not matches else f'{len(matches)} runs'} under "
-                           f"{storage} match{'es' if len(matches) == 1 else ''} it"
-                           + (f" ({', '.join(matches[:5])})" if matches else ""))
-    return matches[0]
-
-
 def run(args) -> int:
     import torch
     from platebench.datasets.shards import open_dataset
@@ -81,12 +67,10 @@ def run(args) -> int:
     from ..train.evaluate import Evaluator
     from ..train.runspec import RunSpec, task_spec
 
-    args.run = _resolve_run(args.records, args.run)
+    args.run = finished_run_id(args.records, args.run)
     spec = RunSpec.from_dict(_run_file(args.records, args.run, SPEC_FILE))
     done = _run_file(args.records, args.run, DONE_FILE)
-    epoch = args.epoch or done.get("selected_epoch") or done.get("final_metrics", {}).get("epoch")
-    if not epoch:
-        raise HarnessError(f"run {args.run}: done.json names no selected or last epoch; give --epoch")
+    epoch = args.epoch or weights_epoch(done, args.run)
     ds = open_dataset(args.data or spec.data)
     if ds.manifest.checksum() != spec.dataset_checksum:
         raise HarnessError(f"{ds.url}: dataset checksum {ds.manifest.checksum()[:12]} differs from the run's "

@@ -18,11 +18,14 @@ import argparse
 
 from platebench.datasets.synth import PRESETS
 from platebench.methods.backbones import DEFAULT_BACKBONE
+from platebench.methods.precision import DEFAULT_PRECISION, PRECISIONS
 
 # What a shared flag left out means, for every command that fills it (bench: the suite's value instead).
 DEFAULTS = {
     "split_scheme": "new_batches",  # the synthetic presets' scheme (they also define new_lab)
     "backbone": DEFAULT_BACKBONE,
+    "precision": DEFAULT_PRECISION,
+    "compile": False,
     "seeds": [0],
     "workers": 1,
     "out": "platebench-out",
@@ -114,8 +117,9 @@ def add_data_flag(p, required: bool = False) -> None:
     """`--data URL`: always a dataset root; synth and ingest write it, every other command reads it."""
     p.add_argument("--data", required=required, metavar="URL",
                    help="dataset root: a folder, file:// or s3:// URL (synth and ingest write it; bench: replaces "
-                        "the suite's dataset; analyze: where the run's dataset moved to; perf train/tune: default a "
-                        "quickstart preset generated into a temporary folder)")
+                        "the suite's dataset; analyze: where the run's dataset moved to; validate --reproduce: the "
+                        "runs' dataset; perf train/tune: default a quickstart preset generated into a temporary "
+                        "folder)")
 
 
 def add_out_flag(p, required: bool = False) -> None:
@@ -138,6 +142,18 @@ def add_src_flag(p, required: bool = False) -> None:
     p.add_argument("--src", required=required, metavar="URL",
                    help="raw dataset location: a folder, file:// or s3:// URL (ingest jump-cp: default the public "
                         "Cell Painting Gallery's cpg0016-jump; perf ingest: default a generated RxRx1-layout tree)")
+
+
+def add_run_flag(p) -> None:
+    """`--run RUN_ID`: one finished run of --records."""
+    p.add_argument("--run", required=True, metavar="RUN_ID",
+                   help="run id, or a prefix naming one finished run (e.g. erm-s0); runs/<RUN_ID>/done.json must exist")
+
+
+def add_epoch_flag(p) -> None:
+    """`--epoch N`: which epoch's weights of a finished run."""
+    p.add_argument("--epoch", type=positive_int, help="the epoch whose weights are used (default: the run's "
+                                                      "selected epoch, else its last)")
 
 
 def add_json_flag(p) -> None:
@@ -193,7 +209,7 @@ def add_hparams_flag(p) -> None:
     """`--hparams KEY=VALUE ...`: hyperparameters (their owner coerces and checks them: parse_pairs)."""
     p.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE",
                    help="hyperparameters of every method trained, over its defaults and a suite's values (sweep: "
-                        "fixed, not searched)")
+                        "fixed, not searched; bench: METHOD.KEY=VALUE sets one method's)")
 
 
 def add_epochs_flag(p) -> None:
@@ -207,7 +223,8 @@ def add_seed_flag(p) -> None:
     """`--seed N`: the one seed of what the command draws; commands that train several seeds take `--seeds`."""
     p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
                    help="seed of everything the command draws at random: synth's generator, sweep's searcher and "
-                        "trials, perf train's run (default 0); the same seed, the same result")
+                        "trials, perf train's run, validate --reproduce's choice of runs (default 0); the same seed, "
+                        "the same result")
 
 
 def add_seeds_flag(p) -> None:
@@ -233,11 +250,22 @@ def add_target_flags(p, required: bool = True) -> None:
     add_method_flag(p, required=required)
 
 
+def add_run_settings_flags(p) -> None:
+    """--precision, --compile: how a training computes (run, sweep, bench, perf train); part of the run id."""
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"numeric precision of training and evaluation: {DEFAULTS['precision']} (default; bench: the "
+                        f"suite's) | bf16-mixed | fp16-mixed (autocast; fp16 with loss scaling); part of the run id")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network's backbone (default off; bench: the suite's); part of the run id")
+
+
 def add_model_flags(p) -> None:
-    """--hparams, --epochs, --backbone: how the trained model is set up (run, sweep, bench)."""
+    """--hparams, --epochs, --backbone, --precision, --compile: how the trained model is set up and computed (run,
+    sweep, bench)."""
     add_hparams_flag(p)
     add_epochs_flag(p)
     add_backbone_flag(p)
+    add_run_settings_flags(p)
 
 
 def add_ray_flags(p) -> None:

@@ -4,7 +4,8 @@
                            [--selection val|val-loss|last-epoch] [--best-configs FILE] [--allow-mixed-code]
 
 Prints the Markdown tables to stdout and writes leaderboard.{md,csv,json,html} plus PNG plots to DIR. Several
---records (storage roots or bundles from `platebench export`) are merged by run id (harness/sources.py).
+--records (storage roots or bundles from `platebench export`) are merged by run id (harness/sources.py). Incomplete
+runs are left out, one stderr line each, and listed in the files (harness/results/completeness.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def add_parser(sub):
                                    "Several storage roots or bundles are merged by run id: a run found in several "
                                    "counts once; a run id with different numbers, or one dataset and scheme with "
                                    "different checksums, is refused, and so are runs of one method with different code "
-                                   "identities unless --allow-mixed-code. Writes leaderboard.{md,csv,json,html} and "
-                                   "PNGs to OUT.")
+                                   "identities unless --allow-mixed-code. Incomplete runs (no done marker, an epoch's "
+                                   "records missing, an unreadable records file) are left out and listed. Writes "
+                                   "leaderboard.{md,csv,json,html} and PNGs to OUT.")
     flags.add_records_flag(p, several=True)
     flags.add_out_flag(p, required=True)
     flags.add_baseline_flag(p)
@@ -86,15 +88,19 @@ def load_best_configs(records_url: str | list[str], explicit: str | None):
 
 def run(args) -> int:
     from ..results import sources
+    from ..results.completeness import describe
     from ..results.leaderboard import build_leaderboard
     from ..results.report import to_markdown, write_report
 
     flags.fill_defaults(args, "baseline")
     merged = sources.load(args.records)
+    for skipped in merged.skipped:
+        print(f"platebench leaderboard: {describe(skipped)}", file=sys.stderr)
     best, best_src = load_best_configs(args.records, args.best_configs)
     try:
         board = build_leaderboard(merged.records, baseline=args.baseline, rule=args.selection, best_configs=best,
-                                  sources=merged.sources, done=merged.done, allow_mixed_code=args.allow_mixed_code)
+                                  sources=merged.sources, done=merged.done, allow_mixed_code=args.allow_mixed_code,
+                                  skipped=merged.skipped)
     except HarnessError as exc:
         if best is not None and str(exc).startswith("best_configs"):
             raise HarnessError(f"{best_src}: {exc}") from None

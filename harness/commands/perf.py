@@ -1,4 +1,4 @@
-"""`platebench perf data|train|tune|methods|ingest`: figures as ratios against baselines measured in the same run.
+"""`platebench perf data|train|tune|methods|ingest|gpu`: figures as ratios against baselines measured in the same run.
 
 Arguments are checked (and datasets opened, run specs built) before Ray starts, so a bad one is a one-line
 error with exit status 2 at once.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # What a perf flag left out means beyond the shared DEFAULTS (flags.fill_defaults): each benchmark's own amount of
 # work, as the flags' help says.
-_OWN_DEFAULTS = {"data": {"parallelism": 2}, "tune": {"max_concurrent": 1}, "ingest": {"size": 128}}
+_OWN_DEFAULTS = {"data": {"parallelism": 2}, "gpu": {"parallelism": 2}, "tune": {"max_concurrent": 1}, "ingest": {"size": 128}}
 
 
 def _common(p) -> None:
@@ -37,6 +37,7 @@ def add_parser(sub):
     flags.add_target_flags(t, required=False)
     flags.add_hparams_flag(t)
     flags.add_backbone_flag(t)
+    flags.add_run_settings_flags(t)
     flags.add_seed_flag(t)
     flags.add_workers_flag(t)
     flags.add_cpus_per_worker_flag(t)
@@ -63,7 +64,10 @@ def add_parser(sub):
                    help="generated experiments (4 plates of 616 sites each)")
     flags.add_size_flag(i)
     flags.add_parallelism_flag(i)
-    for q in (d, t, u, m, i):
+    g = perf.add_parser("gpu", help="the GPU check: every method's kit steps on CUDA, a quickstart epoch and "
+                                    "rxrx1-scale ResNet-50 at 512 px in fp32 and bf16-mixed, cores per GPU")
+    flags.add_parallelism_flag(g)
+    for q in (d, t, u, m, i, g):
         _common(q)
     return p
 
@@ -86,7 +90,7 @@ def run(args) -> int:
         return 0
     import importlib
 
-    runners = {"data": _data, "train": _train, "tune": _tune, "ingest": _ingest}
+    runners = {"data": _data, "train": _train, "tune": _tune, "ingest": _ingest, "gpu": _gpu}
     keys = importlib.import_module(f"platebench.harness.perf.{name}").KEYS  # the documented figures
     emit(name, runners[name](args), args.json, keys)
     return 0
@@ -95,19 +99,24 @@ def run(args) -> int:
 def _fill_defaults(args) -> None:
     from platebench.harness.commands.flags import fill_defaults
 
-    fill_defaults(args, *(d for d in ("split_scheme", "method", "backbone", "workers") if hasattr(args, d)))
+    fill_defaults(args, *(d for d in ("split_scheme", "method", "backbone", "workers", "precision", "compile")
+                          if hasattr(args, d)))
     for dest, value in _OWN_DEFAULTS.get(args.perf_command, {}).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
 
 
-def _start_ray(args) -> None:
+def _local_cpus(args) -> int | None:
+    """Logical CPUs of the local Ray the benchmarks start (None: joining --address)."""
     import os
 
+    return None if args.address else args.num_cpus or (os.cpu_count() or 2) + 1
+
+
+def _start_ray(args) -> None:
     from platebench.harness import ray_local
 
-    local_cpus = args.num_cpus or (os.cpu_count() or 2) + 1
-    ray_local.init(address=args.address, num_cpus=None if args.address else local_cpus)
+    ray_local.init(address=args.address, num_cpus=_local_cpus(args))
 
 
 def _data(args) -> dict:
@@ -134,7 +143,8 @@ def _train(args) -> dict:
     options = {"workers": args.workers, "gpu": args.gpu, "cpus_per_worker": args.cpus_per_worker,
                "read_threads": args.read_threads, "cache_mb": args.cache_mb, "repeats": args.repeats}
     if args.data:
-        spec = train.prepare(args.data, args.split_scheme, args.method, hparams, args.backbone, args.seed, args.workers)
+        spec = train.prepare(args.data, args.split_scheme, args.method, hparams, args.backbone, args.seed, args.workers,
+                             precision=args.precision, compile=args.compile)
         _start_ray(args)
         return train.run(spec, **options)
     from platebench.harness.train.runspec import resolve_run_hparams
@@ -144,10 +154,26 @@ def _train(args) -> dict:
     try:
         _start_ray(args)
         data = _quickstart(f"{work}/quickstart-seed0")
-        spec = train.prepare(data, args.split_scheme, args.method, hparams, args.backbone, args.seed, args.workers)
+        spec = train.prepare(data, args.split_scheme, args.method, hparams, args.backbone, args.seed, args.workers,
+                             precision=args.precision, compile=args.compile)
         _start_ray(args)
         return {**train.run(spec, storage=f"{work}/storage", **options),
                 "dataset": "quickstart preset, seed 0 (generated)"}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _gpu(args) -> dict:
+    import shutil
+    import tempfile
+
+    from platebench.harness.perf import gpu
+
+    gpu.require_cuda()  # one line, exit 2, before Ray starts
+    work = tempfile.mkdtemp(prefix="pb-perf-gpu-")
+    try:
+        _start_ray(args)
+        return gpu.run(work, args.parallelism)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -188,5 +214,6 @@ def _ingest(args) -> dict:
         from platebench.harness.errors import HarnessError
 
         raise HarnessError(f"--experiments must be at least 3, got {args.experiments}")
-    _start_ray(args)
-    return ingest.run(args.src, args.layout, args.experiments, args.size, args.parallelism)
+    # Ray is started by the first Ray job, inside its clock: its cold figure counts Ray's start-up.
+    return ingest.run(args.src, args.layout, args.experiments, args.size, args.parallelism, address=args.address,
+                      num_cpus=_local_cpus(args))

@@ -26,34 +26,36 @@ def run(args) -> int:
     from platebench.harness.train.runner import require_runs_ok, run_many
     from platebench.harness.train.runspec import build_specs, check_trainable
 
-    fill_defaults(args, "split_scheme", "seeds", "backbone", "workers", "out")
+    fill_defaults(args, "split_scheme", "seeds", "backbone", "precision", "compile", "workers", "out")
     hparams = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:
         hparams["epochs"] = args.epochs
     ds = open_dataset(args.data)
-    specs = build_specs(ds, args.split_scheme, args.method, hparams, args.seeds, args.backbone)
+    specs = build_specs(ds, args.split_scheme, args.method, hparams, args.seeds, args.backbone,
+                        precision=args.precision, compile=args.compile)
     check_trainable(ds, specs[0], args.workers)
-    mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}",
-                                   parent_name=f"run {args.method} on {ds.manifest.name}/{args.split_scheme}",
-                                   params={"method": args.method, "seeds": args.seeds, "data": args.data,
-                                           "split_scheme": args.split_scheme, **specs[0].hparams})
-    launch = session.launch_from_args(args, mlflow)
-    session.start_ray(args)
-    progress = session.Progress(len(specs))
-    results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
-    if mlflow:
-        from platebench.harness.train.tracking import end_parent
+    with session.storage_locked(args):  # one writing command per storage root, taken before Ray starts
+        mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}",
+                                       parent_name=f"run {args.method} on {ds.manifest.name}/{args.split_scheme}",
+                                       params={"method": args.method, "seeds": args.seeds, "data": args.data,
+                                               "split_scheme": args.split_scheme, **specs[0].hparams})
+        launch = session.launch_from_args(args, mlflow)
+        session.start_ray(args)
+        progress = session.Progress(len(specs))
+        results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
+        if mlflow:
+            from platebench.harness.train.tracking import end_parent
 
-        end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
-                   status="FAILED" if any("error" in r for r in results) else "FINISHED")
-    for r in results:
-        if "error" not in r:
-            val = r.get("final_metrics", {}).get("val_accuracy", float("nan"))
-            note = " (already done)" if r.get("skipped") else ""
-            print(f"{r['method']} seed {r['seed']}: run {r['run_id']} last val_accuracy {val:.4f}{note}")
-            if r.get("mlflow_gaps"):
-                print(f"  warning: MLflow logging failed {len(r['mlflow_gaps'])} time(s) (records in storage are "
-                      f"complete): {'; '.join(r['mlflow_gaps'][:3])}")
-    print(f"records: {launch.storage}/records  (platebench leaderboard --records {launch.storage} ...)")
-    require_runs_ok(results)
+            end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
+                       status="FAILED" if any("error" in r for r in results) else "FINISHED")
+        for r in results:
+            if "error" not in r:
+                val = r.get("final_metrics", {}).get("val_accuracy", float("nan"))
+                note = " (already done)" if r.get("skipped") else ""
+                print(f"{r['method']} seed {r['seed']}: run {r['run_id']} last val_accuracy {val:.4f}{note}")
+                if r.get("mlflow_gaps"):
+                    print(f"  warning: MLflow logging failed {len(r['mlflow_gaps'])} time(s) (records in storage are "
+                          f"complete): {'; '.join(r['mlflow_gaps'][:3])}")
+        print(f"records: {launch.storage}/records  (platebench leaderboard --records {launch.storage} ...)")
+        require_runs_ok(results)
     return 0

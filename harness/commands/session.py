@@ -12,7 +12,7 @@ from platebench.datasets.storage import StorageOptions, absolute
 
 from .. import ray_local
 from ..errors import HarnessError
-from ..train import faults, tracking
+from ..train import faults, storage_lock, tracking
 from ..train.runner import Launch, check_storage_writable
 from .flags import (
     add_cache_mb_flag,
@@ -58,8 +58,20 @@ def start_ray(args) -> None:
     ray_local.init(address=args.address, num_cpus=None if args.address else local_cpus(args))
 
 
+def storage_of(args) -> str:
+    """Where the command's records, checkpoints and done markers go: --storage, else --out."""
+    return absolute(args.storage) if args.storage else str(Path(args.out).resolve())
+
+
+def storage_locked(args):
+    """The storage lock (harness/train/storage_lock.py) for a `with` block around everything a command writes
+    there: taken before Ray starts, released however the block ends."""
+    # The command's name only: its full command line may carry credentials (an MLflow URI's password).
+    return storage_lock.held(storage_of(args), StorageOptions.from_env(), f"platebench {args.command}")
+
+
 def launch_from_args(args, mlflow: tracking.MlflowTarget | None) -> Launch:
-    storage = absolute(args.storage) if args.storage else str(Path(args.out).resolve())
+    storage = storage_of(args)
     launch = Launch(storage=storage, options=StorageOptions.from_env(), workers=args.workers, use_gpu=args.gpu,
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, mlflow=mlflow,
                     fault=args.inject_fault, placement_strategy=args.placement_strategy,

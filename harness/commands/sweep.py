@@ -40,7 +40,7 @@ def run(args) -> int:
     from platebench.harness.tune import space as tune_space
     from platebench.harness.tune import sweep
 
-    fill_defaults(args, "split_scheme", "backbone", "workers", "out")
+    fill_defaults(args, "split_scheme", "backbone", "precision", "compile", "workers", "out")
     ds = open_dataset(args.data)
     fixed = parse_pairs("--hparams", args.hparams)
     if args.epochs is not None:
@@ -54,39 +54,43 @@ def run(args) -> int:
     cfg = sweep.SweepConfig(data=ds.url, split_scheme=args.split_scheme, method=args.method, space=space,
                             trials=args.trials, search=args.search, scheduler=args.scheduler,
                             max_concurrent=session.max_concurrent(args), seed=args.seed, backbone=args.backbone,
+                            precision=args.precision, compile=args.compile,
                             fixed_hparams=fixed)
     default_spec = sweep.trial_spec(cfg, space.defaults())  # validates method, hparams and scheme up front
     check_trainable(ds, default_spec, args.workers)
     experiment = sweep.experiment_name(cfg, ds.manifest.checksum())
-    mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}", parent_name=experiment,
-                                   params={"method": args.method, "search": args.search, "scheduler": args.scheduler,
-                                           "trials": args.trials, "space": space.source, "seed": args.seed,
-                                           "split_scheme": args.split_scheme, **fixed},
-                                   reuse_parent=args.resume)
-    launch = session.launch_from_args(args, mlflow)
-    session.start_ray(args)
-    print(f"sweep {experiment}: {args.trials} trials of {args.method}, {args.search} search, "
-          f"{args.scheduler} scheduler, {cfg.max_concurrent} at once", flush=True)
-    result = sweep.run_sweep(cfg, launch, resume=args.resume)
-    best = sweep.select_best(cfg, launch, experiment, result["trials"])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    out_file = Path(args.out) / "best_config.json"
-    out_file.write_text(json.dumps({k: best[k] for k in ("method", "hparams", "metric", "value", "selection_split")}
-                                   | {"selection_rule": best["selection_rule"], "trials": best["trials"],
-                                      "experiment": experiment}, indent=1))
-    configs_path = sweep.write_best(best, launch)
-    print(f"best of {best['trials']} trials: {best['selection_split']} accuracy {best['value']:.4f} "
-          f"({best['selection_rule']}) with {json.dumps({k: best['hparams'][k] for k in space.params})}")
-    print(f"wrote {out_file} and {configs_path}")
-    results = []
-    if args.final_seeds:
-        specs = build_specs(ds, args.split_scheme, args.method, best["hparams"], args.final_seeds, args.backbone)
-        progress = session.Progress(len(specs))
-        results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
-        print(f"final seeds {args.final_seeds}: records in {launch.storage}/records; "
-              f"platebench leaderboard --records {launch.storage} --out DIR")
-    if mlflow:
-        end_parent(mlflow.tracking_uri, mlflow.parent_run_id, artifacts=[str(out_file)],
-                   status="FAILED" if any("error" in r for r in results) else "FINISHED")
-    require_runs_ok(results)
+    with session.storage_locked(args):  # one writing command per storage root, taken before Ray starts
+        mlflow = session.open_tracking(args, experiment=f"platebench/{ds.manifest.name}", parent_name=experiment,
+                                       params={"method": args.method, "search": args.search,
+                                               "scheduler": args.scheduler, "trials": args.trials,
+                                               "space": space.source, "seed": args.seed,
+                                               "split_scheme": args.split_scheme, **fixed},
+                                       reuse_parent=args.resume)
+        launch = session.launch_from_args(args, mlflow)
+        session.start_ray(args)
+        print(f"sweep {experiment}: {args.trials} trials of {args.method}, {args.search} search, "
+              f"{args.scheduler} scheduler, {cfg.max_concurrent} at once", flush=True)
+        result = sweep.run_sweep(cfg, launch, resume=args.resume)
+        best = sweep.select_best(cfg, launch, experiment, result["trials"])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        out_file = Path(args.out) / "best_config.json"
+        out_file.write_text(json.dumps({k: best[k] for k in ("method", "hparams", "metric", "value", "selection_split")}
+                                       | {"selection_rule": best["selection_rule"], "trials": best["trials"],
+                                          "experiment": experiment}, indent=1))
+        configs_path = sweep.write_best(best, launch)
+        print(f"best of {best['trials']} trials: {best['selection_split']} accuracy {best['value']:.4f} "
+              f"({best['selection_rule']}) with {json.dumps({k: best['hparams'][k] for k in space.params})}")
+        print(f"wrote {out_file} and {configs_path}")
+        results = []
+        if args.final_seeds:
+            specs = build_specs(ds, args.split_scheme, args.method, best["hparams"], args.final_seeds, args.backbone,
+                                precision=args.precision, compile=args.compile)
+            progress = session.Progress(len(specs))
+            results, _ = run_many(specs, launch, session.max_concurrent(args), progress.event)
+            print(f"final seeds {args.final_seeds}: records in {launch.storage}/records; "
+                  f"platebench leaderboard --records {launch.storage} --out DIR")
+        if mlflow:
+            end_parent(mlflow.tracking_uri, mlflow.parent_run_id, artifacts=[str(out_file)],
+                       status="FAILED" if any("error" in r for r in results) else "FINISHED")
+        require_runs_ok(results)
     return 0

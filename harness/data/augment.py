@@ -24,14 +24,20 @@ def self_standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask[:, None, None, None], a, b)
+    return torch.where(mask.to(a.device)[:, None, None, None], a, b)
+
+
+def _coins(n: int, g: torch.Generator) -> torch.Tensor:
+    """A fair coin per image, drawn from the CPU generator `g` whatever the images' device (so a run draws the
+    same augmentations on every device)."""
+    return torch.rand(n, generator=g) < 0.5
 
 
 def flips(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random horizontal and vertical flips, independently per image."""
     n = x.shape[0]
-    x = _where(torch.rand(n, generator=g) < 0.5, x.flip(3), x)
-    return _where(torch.rand(n, generator=g) < 0.5, x.flip(2), x)
+    x = _where(_coins(n, g), x.flip(3), x)
+    return _where(_coins(n, g), x.flip(2), x)
 
 
 def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -40,12 +46,13 @@ def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     instead of one masked copy per rotation)."""
     if x.shape[2] != x.shape[3]:
         return flips(x, g)  # 90° turns need square images
-    x = _where(torch.rand(x.shape[0], generator=g) < 0.5, x.transpose(2, 3), x)
+    x = _where(_coins(x.shape[0], g), x.transpose(2, 3), x)
     return flips(x, g)
 
 
 def random_resized_crop(x: torch.Tensor, g: torch.Generator, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """Crop a random box (area fraction in `scale`, aspect in `ratio`) per image, resized back to H×W."""
+    """Crop a random box (area fraction in `scale`, aspect in `ratio`) per image, resized back to H×W (the box
+    drawn on the CPU from `g`, the resampling on the images' device)."""
     n = x.shape[0]
     area = torch.empty(n).uniform_(*scale, generator=g)
     log_r = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
@@ -56,7 +63,7 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, scale=(0.6, 1.0), r
     cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

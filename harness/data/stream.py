@@ -3,7 +3,8 @@
 Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads the parts
 it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one block per part, verified against
 its checksum, delivered in plan order whatever order the reads finish in, so an epoch's batches are a function
-of (spec, epoch, rank) alone) and turns blocks into batches with the re-batcher. The number of steps per
+of (spec, epoch, rank) alone) and turns blocks into batches with the re-batcher: uint8 images on the host, made
+float, standardised and augmented on the training device (harness/data/batching.py). The number of steps per
 epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
 never wait on a rank that ran dry (a rank whose stream ends early would leave the others waiting in an
 all-reduce).
@@ -26,7 +27,7 @@ from platebench.methods.base import BatchShape, DataRequest
 
 from ..errors import HarnessError
 from .augment import check_policy
-from .batching import DomainIndex, to_batch
+from .batching import DomainIndex, ImagePrep, pins_for, to_batch
 from .rebatch import Rebatcher, RebatchSpec, count_steps, plate_batch_count
 
 
@@ -140,6 +141,7 @@ class PlateStream:
         if not self.plate_rows:
             raise HarnessError(f"split {config.split!r} of scheme {config.scheme!r} has no labelled images")
         self.cache = cache if cache is not None else PartCache(0)
+        self.prep = ImagePrep(config.channel_stats, config.augment if config.train else None)
 
     def _expr_columns(self) -> list[str]:
         from platebench.datasets import predicates
@@ -249,21 +251,21 @@ class PlateStream:
         return qmask, block.column("is_control").to_numpy(zero_copy_only=False)
 
     # -- iteration --------------------------------------------------------------------------
-    def epoch(self, epoch: int = 0) -> Iterator:
-        """Batches (or lists of batches when plates_per_step > 1) of this rank for `epoch`."""
+    def host_epoch(self, epoch: int = 0, pin: bool = False) -> Iterator[tuple]:
+        """This rank's batches of `epoch` as the CPU delivers them: (a host batch, or a list of them when
+        plates_per_step > 1; the seed of its augmentation). Images keep their stored dtype (batching.to_batch),
+        in pinned memory when `pin`: this is all the stream's CPU work."""
         plates, steps = self.plan(epoch)
         if steps == 0:
             return
-        spec = self.config.rebatch_spec(epoch)
-        rb = Rebatcher(spec)
+        rb = Rebatcher(self.config.rebatch_spec(epoch))
         done = 0
-        g = torch.Generator()
         blocks = self.blocks([p for p, _ in plates], epoch)
         try:
             for _ in self._with_end(blocks, rb):
                 for item in rb.pop():
-                    g.manual_seed(((self.config.seed * 1_000_003 + epoch) * 1_009 + self.rank) * 1_000_033 + done)
-                    yield self.convert(item, g)
+                    yield self.host(item, pin), ((self.config.seed * 1_000_003 + epoch) * 1_009 + self.rank) \
+                        * 1_000_033 + done
                     done += 1
                     if done == steps:
                         return
@@ -274,6 +276,21 @@ class PlateStream:
             raise HarnessError(f"stream produced {done} batches, planned {steps} (rank {self.rank}, epoch {epoch}); "
                                f"the dataset changed under the run or a read was incomplete")
 
+    def epoch(self, epoch: int = 0, device: torch.device | str = "cpu") -> Iterator:
+        """Batches (lists of batches when plates_per_step > 1) of this rank for `epoch`, finished on `device`.
+
+        The next batch's copy to the device is issued before the current one is handed over, so on CUDA (pinned
+        host memory, non-blocking copies) it overlaps the consumer's step; the float work then runs on the device.
+        """
+        staged = None
+        for host, seed in self.host_epoch(epoch, pins_for(device)):
+            ahead = (to_device(host, device), seed)
+            if staged is not None:
+                yield self.finish(*staged)
+            staged = ahead
+        if staged is not None:
+            yield self.finish(*staged)
+
     def _with_end(self, blocks, rb: Rebatcher):
         for block in blocks:
             qmask, cmask = self.masks(block)
@@ -282,12 +299,25 @@ class PlateStream:
         rb.finish()
         yield None
 
-    def convert(self, item, g: torch.Generator | None = None):
-        """Re-batcher output (a RowBatch, or a list of them for several plates per step) as `Batch` tensors, as
-        this stream delivers them: augmented with `g` when training, image ids when `keep_ids`."""
-        policy = self.config.augment if self.config.train else None
+    def host(self, item, pin: bool = False):
+        """Re-batcher output (a RowBatch, or a list of them for several plates per step) as host batches."""
         if isinstance(item, list):
-            return [to_batch(it, self.manifest, self.domains, policy, g, self.config.keep_ids,
-                             self.config.channel_stats) for it in item]
-        return to_batch(item, self.manifest, self.domains, policy, g, self.config.keep_ids, self.config.channel_stats)
+            return [to_batch(it, self.manifest, self.domains, self.config.keep_ids, pin) for it in item]
+        return to_batch(item, self.manifest, self.domains, self.config.keep_ids, pin)
 
+    def finish(self, batch, seed: int | None = None):
+        """Host batches already moved to their device, finished by this stream's ImagePrep: float32, standardised,
+        and, when training, augmented from a generator seeded with `seed` (shared by a step's plates in order)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        if isinstance(batch, list):
+            return [self.prep(b, g) for b in batch]
+        return self.prep(batch, g)
+
+    def convert(self, item, device: torch.device | str = "cpu"):
+        """One re-batcher item as a finished evaluation batch on `device` (unaugmented)."""
+        return self.finish(to_device(self.host(item, pins_for(device)), device))
+
+
+def to_device(batch, device):
+    """A host batch (or a list of them) on `device`: images copied non-blocking (pinned memory on CUDA)."""
+    return [b.to(device) for b in batch] if isinstance(batch, list) else batch.to(device)

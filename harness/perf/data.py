@@ -8,9 +8,11 @@ plates) and deliver the same batches: the same `Rebatcher` and `batching.to_batc
 - DataLoader: what a user would write without Ray, a torch DataLoader with `parallelism` worker
   processes over a Dataset of plates, each item one plate's batches;
 - limit: what one core can do at best, Parquet/zstd decompression (`pyarrow.parquet.read_table`, no
-  threads) plus the same conversion of the same parts, with no re-batching. The stream's images/s per
+  threads) plus the same host conversion of the same parts (`to_batch`: the stored uint8 images as one
+  tensor; the float conversion runs on the training device), with no re-batching. The stream's images/s per
   core it can use (its read tasks plus the process that converts) as a fraction of it says how much of
   the machine the stream turns into batches.
+Every path stops at the host batch (uint8): what the CPU side of a worker must deliver to its device.
 The quickstart model's training rate (resnet-tiny, 32 px, batch 32, one thread, tensors in memory) is
 measured in the same process: the stream must outpace it.
 """
@@ -56,16 +58,16 @@ def _count(batches) -> dict:
 def stream_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
     stream = PlateStream(ds, cfg)
     warm = StreamConfig.for_evaluation(None, None, cfg.shape.batch_size, plates=cfg.plates[:1])
-    next(iter(PlateStream(ds, warm).epoch(0)))  # start Ray Data's workers before the clock
+    next(iter(PlateStream(ds, warm).host_epoch(0)))  # start Ray Data's workers before the clock
     t0 = time.perf_counter()
-    out = _count(stream.epoch(0))
+    out = _count(batch for batch, _ in stream.host_epoch(0))
     return {**out, "seconds": time.perf_counter() - t0}
 
 
 def pyarrow_rate(ds: ShardDataset, cfg: StreamConfig, threads: int) -> dict:
     stream = PlainPlateStream(ds, cfg, read_threads=threads)
     t0 = time.perf_counter()
-    out = _count(stream.epoch(0))
+    out = _count(batch for batch, _ in stream.host_epoch(0))
     return {**out, "seconds": time.perf_counter() - t0}
 
 

@@ -3,9 +3,11 @@
 Both write the same shards from the same raw tree with the same per-plate code
 (`ingest_job.ingest_plate`: decode, stack, zstd write, sidecar) and the same parallelism: the pool has
 as many processes as the Ray job may run tasks (its CPUs, or `parallelism`). The headline `ratio` is the
-first Ray job (what `platebench ingest` costs when run once: it also pays its workers' start-up and
-imports) over the pool (which also pays its processes' start-up); a second Ray job into a fresh folder
-gives the warm figure.
+first Ray job (what `platebench ingest` costs when run once: like the command, it starts Ray inside its clock,
+then its workers start and import) over the pool (which also pays its processes' start-up); a second Ray job
+into a fresh folder gives the warm figure. The pool runs first, before Ray exists. `ray_cold_includes_startup`
+is false where Ray was running before the first job (this process had started it, or it joined a cluster to
+count its CPUs for the pool): its figure then lacks Ray's start-up.
 
 Without `--src`, a raw RxRx1-layout tree (metadata.csv + one 8-bit PNG per channel and site) is
 generated first, so the command measures decode + stack + write on this machine. With `--src`, the
@@ -30,7 +32,8 @@ from ..prepare.ingest import SKIPPED, ingest_plate, run_ingest
 COLUMNS = ["site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well", "site", "well_type", "sirna",
            "sirna_id"]
 KEYS = ("ratio", "ray_cold_images_per_s", "ray_warm_images_per_s", "pool_images_per_s", "ray_warm_vs_pool",
-        "ray_cold_seconds", "ray_warm_seconds", "pool_seconds", "workers", "images", "plates", "layout", "src")
+        "ray_cold_seconds", "ray_warm_seconds", "pool_seconds", "ray_cold_includes_startup", "workers", "images",
+        "plates", "layout", "src")
 
 
 def make_rxrx1_layout(root: Path, experiments: int = 3, size: int = 128, seed: int = 0, wells: int = 308) -> int:
@@ -124,11 +127,13 @@ def ray_cpus() -> int:
 
 
 def run(src: str | None = None, layout: str = "rxrx1", experiments: int = 3, size: int = 128,
-        parallelism: int | None = None, wells: int = 308, work: str | None = None) -> dict:
-    """`work`: where the generated tree and the three outputs go (kept); default a temporary folder, removed."""
+        parallelism: int | None = None, wells: int = 308, work: str | None = None, address: str | None = None,
+        num_cpus: int | None = None) -> dict:
+    """`work`: where the generated tree and the three outputs go (kept); default a temporary folder, removed.
+    `address`, `num_cpus`: the Ray the first job starts or joins, as `platebench ingest --address --num-cpus`."""
     if work is None:
         with tempfile.TemporaryDirectory(prefix="pb-perf-ingest-") as tmp:
-            return run(src, layout, experiments, size, parallelism, wells, tmp)
+            return run(src, layout, experiments, size, parallelism, wells, tmp, address, num_cpus)
     work = Path(work)
     label = src or f"generated rxrx1 layout: {experiments} experiment(s), {wells} wells/plate, {size} px"
     if src is None:
@@ -138,10 +143,20 @@ def run(src: str | None = None, layout: str = "rxrx1", experiments: int = 3, siz
         Path(src).mkdir(parents=True)
         make_rxrx1_layout(Path(src), experiments=experiments, size=size, wells=wells)
     config = {"src": src, "resize": None, "crop": None, "version": "perf"}
-    workers = parallelism or ray_cpus()
+    import ray
+
+    from .. import ray_local
+
+    workers = parallelism or (num_cpus if not address and not ray.is_initialized() else None)
+    if workers is None:  # a cluster's (or a running Ray's) CPUs: known once joined
+        ray_local.init(address=address, num_cpus=num_cpus)
+        workers = ray_cpus()
     pool = pool_ingest(layout, config, str(work / "pool"), workers)
-    # Fresh outputs each: the first Ray job is what a user runs; the second shows it warm.
-    cold = run_ingest(layout, config, str(work / "ray-1"), executor="ray", parallelism=workers, progress=False)
+    # Fresh outputs each: the first Ray job is what a user runs (Ray's start-up inside its clock, as in
+    # `platebench ingest`); the second shows it warm.
+    cold_startup = not ray.is_initialized()
+    cold = run_ingest(layout, config, str(work / "ray-1"), executor="ray", address=address, num_cpus=num_cpus,
+                      parallelism=workers, progress=False)
     warm = run_ingest(layout, config, str(work / "ray-2"), executor="ray", parallelism=workers, progress=False)
     if not pool["images"] == cold["images"] == warm["images"]:
         raise RuntimeError(f"perf ingest: images written differ (pool {pool['images']}, Ray {cold['images']}, "
@@ -149,5 +164,6 @@ def run(src: str | None = None, layout: str = "rxrx1", experiments: int = 3, siz
     return {"ratio": cold["images_per_s"] / pool["images_per_s"], "ray_cold_images_per_s": cold["images_per_s"],
             "ray_warm_images_per_s": warm["images_per_s"], "pool_images_per_s": pool["images_per_s"],
             "ray_warm_vs_pool": warm["images_per_s"] / pool["images_per_s"], "ray_cold_seconds": cold["seconds"],
-            "ray_warm_seconds": warm["seconds"], "pool_seconds": pool["seconds"], "workers": workers,
+            "ray_warm_seconds": warm["seconds"], "pool_seconds": pool["seconds"],
+            "ray_cold_includes_startup": cold_startup, "workers": workers,
             "images": cold["images"], "plates": cold["plates_written"], "layout": layout, "src": label}

@@ -7,8 +7,8 @@ and `batching.to_batch` are the stream's own, so both deliver the same batches a
 what Ray Data costs.
 
 `PlateDataset` is what a user would write with PyTorch alone: a map-style `torch.utils.data.Dataset`
-whose item i is every batch of plate i (read with pyarrow, re-batched and converted as above), served by
-a `DataLoader` with worker processes.
+whose item i is every batch of plate i (read with pyarrow, re-batched and made host batches as above), served
+by a `DataLoader` with worker processes.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class PlainEvaluator(Evaluator):
 
 
 class PlateDataset(torch.utils.data.Dataset):
-    """Item i = the batches of plate i, in the order `stream` would deliver them (one epoch, `epoch`).
+    """Item i = the host batches (uint8 images) of plate i, in the order `stream` would deliver them (one epoch,
+    `epoch`).
 
     The stream only lends its plan, part order, masks and conversion; it never reads here."""
 
@@ -98,8 +99,7 @@ class PlateDataset(torch.utils.data.Dataset):
             qmask, cmask = s.masks(block)
             rb.push(block, qmask, cmask)
         rb.finish()
-        g = torch.Generator().manual_seed(i)
-        return [s.convert(item, g) for item in rb.pop()]
+        return [s.host(item) for item in rb.pop()]
 
 
 def keep_as_is(item):

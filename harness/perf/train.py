@@ -12,8 +12,11 @@ selectable epoch is the first), a TTA method's sweeps, and the representation an
   schedule, `training_step`, the run's `Evaluator` on plain streams; the weights are saved once. Its
   wall time runs from starting the processes to their exit.
 Both use `cpus_per_worker` torch threads per worker and keep parts in memory up to `cache_mb` per worker.
-The phases are bracketed alike: setup (dataset, methods, channel statistics), training (the epoch's
-steps), evaluation (every split evaluated); `*_other_s` is the rest of each wall time.
+The phases are bracketed alike: setup (dataset, methods, channel statistics, and the part cache warmed with the
+epoch's training parts and the validation splits, which a run's lane does before its first step), training (the
+epoch's steps), evaluation (every split evaluated; the test splits are read there on both sides); `*_other_s` is
+the rest of each wall time. `cache_warm` says where both sides warmed the part cache ("setup", or "none" with
+`cache_mb` 0, when neither keeps parts).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from multiprocessing import get_context
 from platebench.datasets.shards import open_dataset
 from platebench.methods.backbones import DEFAULT_BACKBONE
 from platebench.methods.distributed import free_port
+from platebench.methods.precision import DEFAULT_PRECISION
 
 from ..errors import HarnessError
 from ..results.vocabulary import main_overall
@@ -35,24 +39,25 @@ KEYS = ("ratio", "training_ratio", "evaluation_ratio", "ray_wall_s", "ray_setup_
         "ray_evaluation_s", "ray_other_s", "plain_wall_s", "plain_setup_s", "plain_training_s",
         "plain_evaluation_s", "plain_other_s", "steps", "train_images", "eval_images", "ray_val_accuracy",
         "plain_val_accuracy", "ray_val_loss", "plain_val_loss", "method", "backbone", "batch_size", "split_scheme",
-        "workers", "cpus_per_worker", "device", "repeats", "dataset")
+        "workers", "cpus_per_worker", "device", "repeats", "dataset", "cache_warm", "precision", "compile",
+        "prep_s_per_image")
 
 
 # -- the plain loop (one process per worker) ---------------------------------------------------------
 def _plain_worker(cfg: dict) -> dict:
     import torch
     import torch.distributed as dist
-    from platebench.harness.data.batching import on_device
-    from platebench.methods import get_method
+    from platebench.methods.precision import autocast
 
     from ..analysis.representation import analyze, training_batches
     from ..data.channel_stats import channel_stats
     from ..data.stream import PartCache, StreamConfig
     from ..results.records import main_value
     from ..train.epochs import seed_all
-    from ..train.runspec import task_spec
+    from ..train.runspec import build_method, task_spec
     from ..train.schedule import lr_factor
     from .plain import PlainEvaluator, PlainPlateStream
+    from .prep import prep_seconds_per_image
 
     rank, world = cfg["rank"], cfg["workers"]
     torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
@@ -69,8 +74,8 @@ def _plain_worker(cfg: dict) -> dict:
         task = task_spec(ds)
         cache = PartCache(cfg["cache_mb"] * 2**20)
         seed_all(t.seed)  # as a run: identical initial parameters on every rank
-        trainer = on_device(get_method(t.method)(task, hp, t.backbone), device)
-        protocol = on_device(get_method(spec.method)(task, spec.hparams, spec.backbone), device)
+        trainer = build_method(t, task, device)  # as a run: its precision and compile settings
+        protocol = build_method(spec, task, device)
         stats = channel_stats(ds, t.split_scheme, "train", cache) if hp["normalize"] == "dataset" else None
         evaluator = PlainEvaluator(ds, spec, protocol, rank, world, device, cache, stats,
                                    read_threads=cfg["read_threads"])
@@ -80,6 +85,10 @@ def _plain_worker(cfg: dict) -> dict:
             trainer.data_request(), t.split_scheme, t.seed, hp["augment"], channel_stats=stats),
             rank, world, cache, read_threads=cfg["read_threads"])
         epoch, epochs = 0, 1
+        t0 = time.perf_counter()  # as a run's lane: the epoch's parts and the validation splits cached in set-up
+        stream.warm(epoch)
+        evaluator.warm(evaluator.val_splits)
+        setup_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         seed_all(t.seed * 7919 + rank * 104729 + epoch)
         trainer.train()
@@ -87,11 +96,12 @@ def _plain_worker(cfg: dict) -> dict:
         trainer.on_epoch_start(epoch, epochs, steps)
         sums: dict[str, float] = {}
         images = 0
-        for i, batch in enumerate(stream.epoch(epoch)):
+        for i, batch in enumerate(stream.epoch(epoch, device)):
             trainer.set_lr_factor(lr_factor(epoch, i, steps, epochs, hp["warmup_epochs"], hp["schedule"]))
-            images += sum(int(b.queries.sum()) for b in (batch if isinstance(batch, list) else [batch]))  # on CPU
-            batch = [b.to(device) for b in batch] if isinstance(batch, list) else batch.to(device)
-            for k, v in trainer.training_step(batch).items():
+            images += sum(int(b.queries.sum()) for b in (batch if isinstance(batch, list) else [batch]))
+            with autocast(t.precision, device):
+                metrics = trainer.training_step(batch)
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         trainer.sync_buffers()
         training_s = time.perf_counter() - t0
@@ -108,7 +118,13 @@ def _plain_worker(cfg: dict) -> dict:
         analyze(protocol, evaluator, training_batches(evaluator), epoch + 1)  # and analyses its representation
         evaluation_s = time.perf_counter() - t0
         rows = val_rows + test_rows
+        # after every timed phase and collective: the device-side conversion's own cost (a share of training_s);
+        # the time it takes is taken off the plain wall time (plain_epoch)
+        t0 = time.perf_counter()
+        prep_s = prep_seconds_per_image(stream, device, epoch) if rank == 0 and steps > 1 else None
+        measure_s = time.perf_counter() - t0
         return {"rank": rank, "setup_s": setup_s, "training_s": training_s, "evaluation_s": evaluation_s,
+                "prep_s_per_image": prep_s, "prep_measure_s": measure_s,
                 "steps": steps, "train_images": images, "eval_images": _eval_images(rows),
                 "val_accuracy": main_value(val_rows, evaluator.scheme.selection_split),
                 "val_loss": main_value(val_rows, evaluator.scheme.selection_split, "loss")}
@@ -138,7 +154,8 @@ def plain_epoch(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_wor
             results = [f.result() for f in futures]
         wall = time.perf_counter() - t0
     first = next(r for r in results if r["rank"] == 0)
-    return {**first, "train_images": sum(r["train_images"] for r in results), "wall_s": wall}
+    return {**first, "train_images": sum(r["train_images"] for r in results),
+            "wall_s": wall - first["prep_measure_s"]}
 
 
 # -- the Ray run ---------------------------------------------------------------------------------------
@@ -172,10 +189,12 @@ def ray_epoch(spec: RunSpec, storage: str, workers: int = 1, gpu: bool = False, 
 
 # -- the command ---------------------------------------------------------------------------------------
 def prepare(data: str, split_scheme: str = "new_batches", method: str = "erm", hparams: dict | None = None,
-            backbone: str = DEFAULT_BACKBONE, seed: int = 0, workers: int = 1) -> RunSpec:
+            backbone: str = DEFAULT_BACKBONE, seed: int = 0, workers: int = 1, *, precision: str = DEFAULT_PRECISION,
+            compile: bool = False) -> RunSpec:
     """The run spec both paths train (epochs=1); every error a run would refuse, before Ray starts."""
     ds = open_dataset(data)
-    spec = build_specs(ds, split_scheme, method, {**(hparams or {}), "epochs": 1}, [seed], backbone)[0]
+    spec = build_specs(ds, split_scheme, method, {**(hparams or {}), "epochs": 1}, [seed], backbone,
+                       precision=precision, compile=compile)[0]
     check_trainable(ds, spec, workers)
     return spec
 
@@ -206,6 +225,8 @@ def run(spec: RunSpec, workers: int = 1, gpu: bool = False, cpus_per_worker: flo
     return {**out, "steps": plain["steps"], "train_images": plain["train_images"], "eval_images": plain["eval_images"],
             "ray_val_accuracy": ray["val_accuracy"], "plain_val_accuracy": plain["val_accuracy"],
             "ray_val_loss": ray["val_loss"], "plain_val_loss": plain["val_loss"],
+            "prep_s_per_image": plain["prep_s_per_image"],
             "method": spec.method, "backbone": spec.backbone, "batch_size": spec.hparams["batch_size"],
             "split_scheme": spec.split_scheme, "workers": workers, "cpus_per_worker": cpus_per_worker,
-            "device": "gpu" if gpu else "cpu", "repeats": repeats, "dataset": spec.data}
+            "device": "gpu" if gpu else "cpu", "repeats": repeats, "dataset": spec.data,
+            "cache_warm": "setup" if cache_mb > 0 else "none", "precision": spec.precision, "compile": spec.compile}

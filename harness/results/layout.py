@@ -12,6 +12,8 @@ writer of each run's files.
       tune/<experiment>/                             Ray Tune's own experiment folder
       ray/lanes/                                     Ray Train's own run folders
       bundle.json                                    only in an exported bundle (harness/results/bundle.py)
+      lock.json                                      the command writing here now (harness/train/storage_lock.py,
+                                                     which reads and writes it)
 
 A storage root may be named by its records/ folder too (`storage_root`). Paths are built with
 `platebench.datasets.storage.join`, so they work on URLs (file://, s3://) and on filesystem paths alike.
@@ -40,6 +42,7 @@ RAY_DIR = "ray"
 DONE_FILE = "done.json"
 SPEC_FILE = "spec.json"
 BUNDLE_FILE = "bundle.json"
+LOCK_FILE = "lock.json"
 EPOCH_FILES = "epoch-*.parquet"  # every records file of a run
 MAIN_EPOCH_FILES = "epoch-?????.parquet"  # the per-epoch evaluations only (no sweeps, no representation)
 
@@ -90,6 +93,11 @@ def tune_dir(storage: str) -> str:
     return join(storage, TUNE_DIR)
 
 
+def lock_file(storage: str) -> str:
+    """The storage lock: which command is writing trainings and records under `storage`."""
+    return join(storage, LOCK_FILE)
+
+
 def lanes_dir(storage: str) -> str:
     """Where Ray Train keeps the run folders of the training lanes."""
     return join(storage, RAY_DIR, "lanes")
@@ -133,6 +141,27 @@ def finished_run_ids(storage: str, options: StorageOptions | None = None) -> lis
     fs, base = filesystem(storage, options)
     found = with_retries(lambda: fs.glob(join(base, RUNS_DIR, "*", DONE_FILE)), f"listing {runs_dir(storage)}")
     return sorted(path.rstrip("/").split("/")[-2] for path in found)
+
+
+def finished_run_id(storage: str, prefix: str, options: StorageOptions | None = None) -> str:
+    """The finished run whose id is `prefix` or starts with it (exactly one), e.g. "erm-s0" (`--run`)."""
+    ids = finished_run_ids(storage, options)
+    if prefix in ids:
+        return prefix
+    matches = [i for i in ids if i.startswith(prefix)]
+    if len(matches) != 1:
+        raise HarnessError(f"--run {prefix!r}: {'no finished run' if not matches else f'{len(matches)} runs'} under "
+                           f"{storage} match{'es' if len(matches) == 1 else ''} it"
+                           + (f" ({', '.join(matches[:5])})" if matches else ""))
+    return matches[0]
+
+
+def weights_epoch(done: dict, run_id: str) -> int:
+    """The epoch whose weights stand for a finished run: its selected epoch, else its last."""
+    epoch = done.get("selected_epoch") or done.get("final_metrics", {}).get("epoch")
+    if not epoch:
+        raise HarnessError(f"run {run_id}: {DONE_FILE} names no selected or last epoch; give --epoch")
+    return int(epoch)
 
 
 def read_done_markers(storage: str, run_ids: Sequence[str], options: StorageOptions | None = None) -> dict[str, dict]:

@@ -19,6 +19,8 @@ Decisions (documented in docs/leaderboards.md):
   both read at the parent's selected epoch (same_checkpoint.py).
 - A method whose runs carry different code identities is refused unless `allow_mixed_code`; then its rows are
   marked (`mixed_code`: the code ids).
+- Incomplete runs (no done marker, an epoch's records missing, an unreadable records file) are left out before
+  this module sees the records (harness/results/completeness.py) and listed in `skipped_runs`, never ranked.
 - Across several (dataset, scheme, test split) blocks: an overall table per track of average ranks with a
   Friedman test and Nemenyi critical difference (harness/results/ranks.py); next to accuracy, each method's cost per
   run from the done markers (harness/results/cost.py).
@@ -34,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import HarnessError
+from ..train.run_identity import SETTING_DEFAULTS
 from . import cost, ranks, stats
 from .configs import choose_configs
 from .representation_tables import representation_tables
@@ -50,11 +53,13 @@ ALPHA = 0.05
 def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val",
                       best_configs: Mapping | None = None, alpha: float = ALPHA, *,
                       sources: Mapping[str, Sequence[str]] | None = None,
-                      done: Mapping[str, Mapping] | None = None, allow_mixed_code: bool = False) -> dict:
+                      done: Mapping[str, Mapping] | None = None, allow_mixed_code: bool = False,
+                      skipped: Sequence[Mapping] = ()) -> dict:
     """The whole leaderboard as a JSON-ready dict: {"tables": [...], "sweeps": [...], "overall": [...],
     "cost": [...], "settings": {...}}. `sources`: run_id -> the bundles/roots it came from (harness/results/sources.py);
     `done`: run_id -> its done marker (for the cost tables and shared trainings); `allow_mixed_code`: build from runs
-    of one method with different code identities (their rows are marked) instead of refusing."""
+    of one method with different code identities (their rows are marked) instead of refusing; `skipped`: the runs left
+    out as incomplete (completeness.read_complete), reported as `skipped_runs`."""
     if len(records) == 0:
         raise HarnessError("no records to build a leaderboard from")
     if rule not in LEADERBOARD_RULES:
@@ -148,7 +153,9 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
     labels = source_labels(sources)
     return {"tables": tables, "sweeps": build_sweeps(rows), "sweeps_left_out": sweeps_left_out(records, rows),
             "overall": overall, "cost": cost_out, "representation": representation,
+            "skipped_runs": [dict(x) for x in skipped],
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
+                         "run_settings": run_settings({r["run_id"] for r in rows}, done),
                          "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,
                                       "of": "mean paired difference vs the baseline over seeds"},
                          "no_spread": "every seed's paired difference equal: no p-value (the t-test is undefined), "
@@ -176,6 +183,19 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                                   "gpu_hours": "(training_s + evaluation_s) * workers * gpus_per_worker / 3600",
                                   "shared": "a training shared by several methods is counted in full for each",
                                   "notes": cost_notes}}}
+
+
+def run_settings(run_ids, done: Mapping[str, Mapping] | None) -> dict[str, list]:
+    """Each run setting's values (precision, compile: harness/train/run_identity.py) over the runs behind the tables,
+    from their done markers' specs (a spec written before a setting existed has its default); runs without a done
+    marker are not counted. Several values in one list: the board mixes them."""
+    values: dict[str, set] = {key: set() for key in SETTING_DEFAULTS}
+    for run_id in run_ids:
+        spec = ((done or {}).get(run_id) or {}).get("spec")
+        if spec is not None:
+            for key, default in SETTING_DEFAULTS.items():
+                values[key].add(spec.get(key, default))
+    return {key: sorted(found) for key, found in values.items()}
 
 
 def mixed_code(records: pa.Table) -> dict[str, list[str]]:

@@ -145,7 +145,19 @@ def write_epoch_records(storage: str, run_id: str, epoch: int, rows: Iterable[Ma
 
 
 def read_records(url: str, options: StorageOptions | None = None, run_ids: Iterable[str] | None = None) -> pa.Table:
-    """All records under `url` (a storage root holding records/, or a records/ folder itself)."""
+    """All records under `url` (a storage root holding records/, or a records/ folder itself); an unreadable records
+    file is one line naming it."""
+    records, unreadable = read_readable_records(url, options, run_ids)
+    if unreadable:
+        raise HarnessError(unreadable[min(unreadable)])
+    return records
+
+
+def read_readable_records(url: str, options: StorageOptions | None = None, run_ids: Iterable[str] | None = None
+                          ) -> tuple[pa.Table, dict[str, str]]:
+    """(records, {run_id: the line naming its unreadable file}): like `read_records`, but a run with an unreadable
+    records file (truncated, not Parquet, another schema) is left out whole and named instead of failing the read
+    (a leaderboard skips that run and reports it: harness/results/completeness.py)."""
     fs, root = filesystem(url, options)
     base = records_dir(storage_root(root))
     if run_ids is None:
@@ -154,16 +166,22 @@ def read_records(url: str, options: StorageOptions | None = None, run_ids: Itera
     else:
         files = with_retries(lambda: sorted(f for r in run_ids for f in fs.glob(join(base, r, EPOCH_FILES))),
                              f"listing records under {url}")
-    tables = []
+    tables: dict[str, list[pa.Table]] = {}
+    unreadable: dict[str, str] = {}
     for f in files:
+        run_id = f.rstrip("/").split("/")[-2]
+        if run_id in unreadable:
+            continue
         data = with_retries(lambda f=f: fs.cat_file(f), f"reading {f}")
         try:
             t = pq.read_table(io.BytesIO(data))
-        except pa.ArrowInvalid as exc:
-            raise HarnessError(f"{f}: unreadable records file ({str(exc).splitlines()[0]})") from None
+        except (pa.ArrowException, OSError) as exc:
+            unreadable[run_id] = f"{f}: unreadable records file ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+            continue
         if not t.schema.equals(RECORD_SCHEMA, check_metadata=False):
-            raise HarnessError(f"{f}: records schema mismatch (expected {RECORD_SCHEMA.names}, got {t.schema.names})")
-        tables.append(t)
-    if not tables:
-        return RECORD_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+            unreadable[run_id] = (f"{f}: records schema mismatch (expected {RECORD_SCHEMA.names}, got "
+                                  f"{t.schema.names})")
+            continue
+        tables.setdefault(run_id, []).append(t)
+    kept = [t for run_id, ts in tables.items() if run_id not in unreadable for t in ts]
+    return (pa.concat_tables(kept) if kept else RECORD_SCHEMA.empty_table()), unreadable

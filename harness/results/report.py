@@ -15,6 +15,7 @@ import re
 from platebench.datasets.storage import describe_error, filesystem, join
 
 from . import plots
+from .completeness import describe
 from .report_tables import (
     HPARAM_HEAD,
     MIXED_CODE_MARK,
@@ -39,6 +40,14 @@ from .report_tables import (
     table_notes,
 )
 
+SKIPPED_HEAD = ("Runs left out as incomplete (not in any table, rank or test; `platebench validate` names every "
+                "problem):")
+
+
+def skipped_notes(board: dict) -> list[str]:
+    """One line per run the leaderboard left out (harness/results/completeness.py)."""
+    return [describe(x) for x in board.get("skipped_runs", [])]
+
 
 def to_markdown(board: dict) -> str:
     s = board["settings"]
@@ -55,6 +64,8 @@ def to_markdown(board: dict) -> str:
     ids = source_ids(board)
     if note := sources_note(board):
         lines += [note, ""]
+    if skipped := skipped_notes(board):
+        lines += [SKIPPED_HEAD, "", *[f"- {n}" for n in skipped], ""]
     for t in board["tables"]:
         lines += [f"## {plots.table_title(t)}", ""]
         lines += md_table(*table_matrix(t, ids))
@@ -226,6 +237,8 @@ def to_html(board: dict, pngs: dict[str, bytes]) -> str:
              f"<style>{CSS}</style></head><body><h1>platebench leaderboard</h1><p>{html.escape(md_intro)}</p>"]
     if note := sources_note(board):
         parts.append(f"<p id='sources'>{html.escape(note)}</p>")
+    if skipped := skipped_notes(board):
+        parts.append(f"<section id='skipped-runs'><p>{html.escape(SKIPPED_HEAD)}</p>{_ul(skipped)}</section>")
     parts.append("<nav>" + "".join(f"<a href='#track-{html.escape(_slug(tr))}'>{html.escape(tr)} track</a>"
                                    for tr in tracks) + "<a href='#hparams'>hyperparameters</a></nav>")
 

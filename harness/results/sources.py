@@ -7,6 +7,8 @@ seed, protocol, code), so the same id in two sources is the same run. Merging th
 - refuses a run id whose records differ between two sources, naming both: one of them is not what its id says;
 - refuses one dataset name and split scheme recorded with different dataset checksums in two sources: two
   versions of a dataset cannot share a table.
+Each source holds its complete runs only (harness/results/completeness.py); the runs it leaves out are reported
+(`Merged.skipped`, each naming its source).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from platebench.datasets.storage import StorageOptions
 
 from ..errors import HarnessError
 from .bundle import is_bundle, read_bundle, verify_files
-from .layout import EPOCH_FILES, RECORDS_DIR, read_done_markers, storage_root
-from .records import RECORD_SCHEMA, read_records
+from .completeness import describe, read_complete
+from .layout import EPOCH_FILES, RECORDS_DIR, storage_root
+from .records import RECORD_SCHEMA
 
 # The columns that say which number a record row is (everything but the number itself).
 ROW_KEY = [n for n in RECORD_SCHEMA.names if n not in ("value", "n")]
@@ -35,6 +38,7 @@ class Source:
     records: pa.Table
     done: dict[str, dict]  # run_id -> its done marker
     bundle: dict | None = None  # the bundle's BUNDLE_FILE when the source is a bundle
+    skipped: list[dict] = field(default_factory=list)  # incomplete runs left out (completeness.read_complete)
 
 
 def read_source(url: str, options: StorageOptions | None = None) -> Source:
@@ -46,11 +50,14 @@ def read_source(url: str, options: StorageOptions | None = None) -> Source:
         if problems:
             more = f" (and {len(problems) - 1} more: `platebench validate {url}` lists them)"
             raise HarnessError(f"{url}: {problems[0]}{more if len(problems) > 1 else ''}")
-    records = read_records(root, options)
-    if len(records) == 0:
+    complete = read_complete(root, options)
+    skipped = [{**s, "source": url} for s in complete.skipped]
+    if len(complete.records) == 0:
+        if skipped:
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            raise HarnessError(f"no complete run under {url}: {describe(complete.skipped[0])}{more}")
         raise HarnessError(f"no records under {url} (expected {RECORDS_DIR}/<run_id>/{EPOCH_FILES})")
-    run_ids = pc.unique(records.column("run_id")).to_pylist()
-    return Source(url, root, records, read_done_markers(root, run_ids, options), bundle)
+    return Source(url, root, complete.records, complete.done, bundle, skipped)
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Merged:
     done: dict[str, dict] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     collapsed: list[dict] = field(default_factory=list)  # runs found in several sources with identical records
+    skipped: list[dict] = field(default_factory=list)  # incomplete runs left out, each naming its source
 
 
 def _first_difference(a: pa.Table, b: pa.Table) -> str:
@@ -140,7 +148,7 @@ def merge(sources: Sequence[Source]) -> Merged:
                 done[run_id] = s.done[run_id]
     records = pa.concat_tables(keep) if keep else RECORD_SCHEMA.empty_table()
     collapsed = [{"run_id": k, "sources": v} for k, v in sorted(run_sources.items()) if len(v) > 1]
-    return Merged(records, dict(run_sources), done, labels, collapsed)
+    return Merged(records, dict(run_sources), done, labels, collapsed, [x for s in sources for x in s.skipped])
 
 
 def load(urls: Sequence[str], options: StorageOptions | None = None) -> Merged:

@@ -10,15 +10,15 @@ import dataclasses
 import time
 
 import torch
-from platebench.methods import Method, get_method
+from platebench.methods import Method
+from platebench.methods.precision import autocast
 
-from ..data.batching import on_device
 from ..data.stream import PlateStream, StreamConfig
 from ..results.records import main_value
 from . import checkpointing, faults
 from .evaluate import Evaluator
 from .job_state import JobState
-from .runspec import RunSpec
+from .runspec import RunSpec, build_method
 from .schedule import lr_factor
 
 
@@ -50,7 +50,7 @@ def _monitor(state: JobState, ds, task, todo: list[RunSpec], protocols: dict, ev
         if spec.method == t.method:
             return spec, protocols[spec.run_id], evaluators[spec.run_id]
     own = dataclasses.replace(todo[0], method=t.method, hparams=t.hparams)
-    method = on_device(get_method(own.method)(task, own.hparams, own.backbone), lane.device)
+    method = build_method(own, task, lane.device)
     return own, method, Evaluator(ds, own, method, lane.rank, lane.world, lane.device, lane.cache,
                                   state.channel_stats)
 
@@ -89,12 +89,13 @@ def train_epochs(state: JobState, ds, task, trainer: Method, todo: list[RunSpec]
         steps = stream.steps(epoch)
         trainer.on_epoch_start(epoch, epochs, steps)
         sums: dict[str, float] = {}
-        for i, batch in enumerate(stream.epoch(epoch)):
+        for i, batch in enumerate(stream.epoch(epoch, lane.device)):
             faults.maybe_fail(fault, launch.storage, launch.options, t.training_id, epoch, i, lane.rank)
             trainer.set_lr_factor(lr_factor(epoch, i, steps, epochs, hp["warmup_epochs"], hp["schedule"]))
-            batch = [b.to(lane.device) for b in batch] if isinstance(batch, list) else batch.to(lane.device)
             timings["train_images"] += sum(len(b) for b in batch) if isinstance(batch, list) else len(batch)
-            for k, v in trainer.training_step(batch).items():
+            with autocast(t.precision, lane.device):  # the run's precision (methods/precision.py)
+                metrics = trainer.training_step(batch)
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         trainer.sync_buffers()
         train_seconds = time.perf_counter() - t0

@@ -19,6 +19,7 @@ from platebench.datasets.manifest import DOMAIN_KINDS
 from platebench.datasets.shards import ShardDataset
 from platebench.methods import Method
 from platebench.methods.distributed import all_gather_objects
+from platebench.methods.precision import autocast
 
 from ..data.stream import PartCache, PlateStream, StreamConfig
 from .runspec import RunSpec
@@ -70,9 +71,9 @@ class Evaluator:
     def counts(self, method: Method, split: str, batch_size: int, n_controls: int) -> list[PlateCounts]:
         method.eval()
         per_plate: dict[str, PlateCounts] = {}
-        for batch in self.stream(split, batch_size, n_controls).epoch(0):
-            batch = batch.to(self.device)
-            logits = method.predict(batch)
+        for batch in self.stream(split, batch_size, n_controls).epoch(0, self.device):
+            with autocast(self.spec.precision, self.device):  # the run's precision, as in training
+                logits = method.predict(batch)
             labels = batch.labels[batch.queries]
             c = per_plate.setdefault(batch.plate, PlateCounts(batch.plate, 0, 0, 0.0))
             c.correct += int((logits.argmax(1) == labels).sum())

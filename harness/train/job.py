@@ -1,7 +1,8 @@
 """One job on one rank of a lane: one training, evaluated under every protocol that shares it (ERM's training
 under ERM's and AdaBN's protocols). Ranks train disjoint plates and gather evaluation counts.
 
-1. set up: the dataset (kept by the lane), the seeded trained method and one instance per protocol, the
+1. set up: the dataset (kept by the lane) with every part of the scheme's splits verified before anything is
+   written (harness/train/part_check.py), the seeded trained method and one instance per protocol, the
    channel statistics, the MLflow runs;
 2. train epoch after epoch, validating every protocol (harness/train/epochs.py), unless the training is
    done already;
@@ -15,9 +16,6 @@ from __future__ import annotations
 
 import time
 
-from platebench.methods import get_method
-
-from ..data.batching import on_device
 from ..results.layout import MAIN_EPOCH_FILES, read_done, records_dir, write_run_file
 from .code_identity import commit
 from .epochs import seed_all, train_epochs
@@ -25,8 +23,9 @@ from .evaluate import Evaluator
 from .job_state import JobState
 from .jobs import Job
 from .lane import Lane
+from .part_check import verify_job_parts
 from .run_done import finish_run
-from .runspec import RunSpec, task_spec
+from .runspec import RunSpec, build_method, task_spec
 from .selectable_epochs import evaluate_selectable, selection
 
 
@@ -39,13 +38,14 @@ def run_job(job: Job, lane: Lane, queue) -> list[dict]:
     todo = [r for r in job.runs if done[r.run_id] is None]
     if not todo:
         return [{**d, "skipped": True} for d in done.values()]
+    ds = lane.dataset(job.runs[0].data)
+    verify_job_parts(ds, job.training.split_scheme, lane)  # a damaged test part fails the job here, not after training
     state = JobState.open(job, lane, queue)
     t, device = job.training, lane.device
-    ds = lane.dataset(job.runs[0].data)
     task = task_spec(ds)
     seed_all(t.seed)  # same seed on every rank: identical initial parameters
-    trainer = on_device(get_method(t.method)(task, t.hparams, t.backbone), device)
-    protocols = {r.run_id: on_device(get_method(r.method)(task, r.hparams, r.backbone), device) for r in todo}
+    trainer = build_method(t, task, device)
+    protocols = {r.run_id: build_method(r, task, device) for r in todo}
     state.channel_stats = _channel_stats(state, ds)
     evaluators = {r.run_id: Evaluator(ds, r, protocols[r.run_id], lane.rank, lane.world, device, lane.cache,
                                       state.channel_stats) for r in todo}

@@ -1,10 +1,11 @@
-"""A run = (dataset, split scheme, method, hyperparameters, backbone, seed, evaluation protocol, code). Its id
-is a hash of that canonical JSON: relaunching is idempotent, a finished run is never trained twice, and where
+"""A run = (dataset, split scheme, method, hyperparameters, backbone, seed, evaluation protocol, code, and the run
+settings precision and compile). Its id is a hash of that canonical JSON (settings at their defaults left out:
+run_identity.py): relaunching is idempotent, a finished run is never trained twice, and where
 the data lives or how many workers train it does not change the id.
 
 A run's *training* is the part of that identity that shapes the weights: the method it trains as (its own,
-or the `trains_as` it declares), its hyperparameters without the prediction-only ones, backbone, seed and
-the training method's code. Runs with equal trainings (ERM and AdaBN of one seed) are trained once and
+or the `trains_as` it declares), its hyperparameters without the prediction-only ones, backbone, seed, the
+training method's code and the run settings. Runs with equal trainings (ERM and AdaBN of one seed) are trained once and
 evaluated from the same checkpoints; each keeps its own run id, records and MLflow run.
 
 Everything a run needs is validated here, before any training starts: method and hyperparameters,
@@ -21,11 +22,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from platebench.datasets.shards import ShardDataset
-from platebench.methods import TaskSpec, get_method
+from platebench.datasets.storage import absolute
+from platebench.methods import Method, TaskSpec, get_method
+from platebench.methods.backbones.weights import check_weights_file
 from platebench.methods.base import resolve_hparams
+from platebench.methods.compiling import compile_backbones
+from platebench.methods.precision import DEFAULT_PRECISION, check_precision
 
 from ..data.augment import check_policy
-from ..data.batching import DomainIndex
+from ..data.batching import DomainIndex, on_device
 from ..errors import HarnessError
 from .code_identity import code_identity, code_label
 from .run_identity import digest, run_id_of
@@ -59,6 +64,8 @@ class TrainingSpec:
     backbone: str
     seed: int
     code: dict
+    precision: str = DEFAULT_PRECISION  # methods/precision.py
+    compile: bool = False  # torch.compile of the backbones (methods/compiling.py)
 
     @property
     def training_id(self) -> str:
@@ -80,6 +87,8 @@ class RunSpec:
     seed: int
     code: dict  # code_identity(): harness version and source hash
     eval: EvalProtocol = field(default_factory=EvalProtocol)
+    precision: str = DEFAULT_PRECISION  # run settings: they change the numbers, so they are part of the id
+    compile: bool = False
 
     def identity(self) -> dict:
         d = asdict(self)
@@ -104,7 +113,7 @@ class RunSpec:
         return TrainingSpec(dataset=self.dataset, dataset_checksum=self.dataset_checksum,
                             split_scheme=self.split_scheme, method=trainer.name,
                             hparams=cls.training_hparams(self.hparams), backbone=self.backbone, seed=self.seed,
-                            code=code_identity(trainer))
+                            code=code_identity(trainer), precision=self.precision, compile=self.compile)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "run_id": self.run_id}
@@ -128,19 +137,25 @@ def resolve_run_hparams(method: str, overrides: Mapping[str, Any] | None) -> dic
     cls = get_method(method)  # MethodError with the known names and closest match
     resolved = resolve_hparams(cls, overrides)
     check_policy(resolved["augment"])
+    if resolved["weights"]:  # a path as the workers (in other working directories) must see it
+        resolved["weights"] = absolute(resolved["weights"])
     if cls.trains_as:  # unknown keys are errors there too
         resolve_hparams(get_method(cls.trains_as), cls.training_hparams(resolved))
     return resolved
 
 
 def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict | None, seeds, backbone: str,
-                eval_protocol: EvalProtocol | None = None) -> list[RunSpec]:
+                eval_protocol: EvalProtocol | None = None, *, precision: str = DEFAULT_PRECISION,
+                compile: bool = False) -> list[RunSpec]:
     """Validate a (dataset, scheme, method, hparams) combination and return one RunSpec per seed."""
+    check_precision(precision)
     m = ds.manifest
     scheme = m.scheme(split_scheme)  # DatasetError naming the known schemes
     if "train" not in scheme.splits:
         raise HarnessError(f"split scheme {split_scheme!r} has no 'train' split")
     resolved = resolve_run_hparams(method, hparams)
+    if resolved["weights"]:  # a missing, non-safetensors or other backbone's file: one line before Ray starts
+        check_weights_file(resolved["weights"], backbone)
     cls = get_method(method)
     if cls.needs.controls and not any(p.controls for p in m.parts):
         raise HarnessError(f"method {method!r} needs negative controls as context, but dataset {m.name!r} "
@@ -152,7 +167,18 @@ def build_specs(ds: ShardDataset, split_scheme: str, method: str, hparams: dict 
     code = code_identity(cls)
     return [RunSpec(data=ds.url, dataset=m.name, dataset_checksum=m.checksum(), split_scheme=split_scheme,
                     method=method, hparams=resolved, backbone=backbone, seed=int(s), code=code,
-                    eval=eval_protocol or EvalProtocol()) for s in seeds]
+                    eval=eval_protocol or EvalProtocol(), precision=precision, compile=bool(compile)) for s in seeds]
+
+
+def build_method(spec: RunSpec | TrainingSpec, task: TaskSpec, device) -> Method:
+    """A fresh instance of the method `spec` names, on `device`, under the spec's run settings: its precision
+    (`Method.set_precision`; the loop runs its steps under methods.precision.autocast) and, with `compile`, its
+    backbones compiled in place (methods/compiling.py)."""
+    method = on_device(get_method(spec.method)(task, spec.hparams, spec.backbone), device)
+    method.set_precision(spec.precision)
+    if spec.compile:
+        compile_backbones(method)
+    return method
 
 
 def check_trainable(ds: ShardDataset, spec: RunSpec, workers: int) -> int:

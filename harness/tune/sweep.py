@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from platebench.datasets.shards import open_dataset
 from platebench.datasets.storage import filesystem, join
 from platebench.methods.backbones import DEFAULT_BACKBONE
+from platebench.methods.precision import DEFAULT_PRECISION
 
 from ..errors import HarnessError
 from ..results.layout import read_done, sweep_dir, tune_dir
@@ -43,6 +44,8 @@ class SweepConfig:
     max_concurrent: int = 1
     seed: int = 0
     backbone: str = DEFAULT_BACKBONE
+    precision: str = DEFAULT_PRECISION  # run settings of every trial (and the final seeds)
+    compile: bool = False
     fixed_hparams: dict | None = None  # e.g. {"epochs": 1}
 
     @property
@@ -51,8 +54,10 @@ class SweepConfig:
 
 
 def experiment_name(cfg: SweepConfig, dataset_checksum: str) -> str:
+    # Run settings away from their defaults name the experiment too (its trials are other runs).
+    settings = (f"-{cfg.precision}" if cfg.precision != DEFAULT_PRECISION else "") + ("-compiled" if cfg.compile else "")
     return (f"sweep-{cfg.method.replace('+', '-')}-{cfg.split_scheme}-{dataset_checksum[:8]}-{cfg.space.digest()}"
-            f"-{cfg.search}-{cfg.scheduler}-t{cfg.trials}-s{cfg.seed}")
+            f"-{cfg.search}-{cfg.scheduler}-t{cfg.trials}-s{cfg.seed}{settings}")
 
 
 def trial_storage(launch: Launch, experiment: str) -> str:
@@ -62,7 +67,8 @@ def trial_storage(launch: Launch, experiment: str) -> str:
 def trial_spec(cfg: SweepConfig, sampled: dict):
     ds = open_dataset(cfg.data)
     hp = {**(cfg.fixed_hparams or {}), **sampled}
-    return build_specs(ds, cfg.split_scheme, cfg.method, hp, [cfg.trial_seed], cfg.backbone)[0]
+    return build_specs(ds, cfg.split_scheme, cfg.method, hp, [cfg.trial_seed], cfg.backbone, precision=cfg.precision,
+                       compile=cfg.compile)[0]
 
 
 def run_trial(config: dict, cfg: SweepConfig, launch: Launch, experiment: str) -> None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..precision import full_precision
 from .style import StyleModule, batch_spread, batch_stats, instance_stats
 
 VARIANTS = ("structured", "simple")
@@ -98,6 +99,7 @@ class BatchStyleUncertainty(StyleModule):
         return (self.a_mu * s_mu * (eps_mu + r * _unit(self.d_mu)),
                 self.a_sigma * s_sigma * (eps_sigma + r * _unit(self.d_sigma)))
 
+    @full_precision
     def perturb(self, fmap: torch.Tensor) -> torch.Tensor:
         mu, sigma = batch_stats(fmap, self.eps)
         if self.detach_stats:

@@ -13,6 +13,8 @@ buffers). The BN-statistics methods need finer control, given here as small comp
 * `forward_per_group(model, x, groups)` — each group of rows (one plate / one ARM chunk) is forwarded
   separately, so its rows are normalised with that group's statistics only.
 * `randomize_running_stats(module)` — for tests: proves a forward does not read the running buffers.
+* `require_batchnorm(module, method, backbone)` — the BN-statistics methods' refusal of a backbone without BN
+  (a ViT): their adaptation would silently be the plain network.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import MethodError
+
+from ..precision import full_precision
+
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def bn_layers(module: nn.Module) -> list[_BatchNorm]:
     return [m for m in module.modules() if isinstance(m, _BatchNorm)]
+
+
+def require_batchnorm(module: nn.Module, method: str, backbone: str) -> None:
+    """One line refusing `method` when `module` (its featurizer) has no BatchNorm layer."""
+    if not bn_layers(module):
+        raise MethodError(f"method {method!r} adapts BatchNorm statistics, but backbone {backbone!r} has no "
+                          f"BatchNorm layer: use a ResNet or DenseNet backbone")
 
 
 @contextlib.contextmanager
@@ -50,6 +63,7 @@ def batch_stats(module: nn.Module) -> Iterator[None]:
             m.training, m.track_running_stats = training, track
 
 
+@full_precision  # torch's BatchNorm takes its statistics in float32 under autocast; so do these
 def normalise_with_rows(bn: _BatchNorm, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`bn` applied to every row of x with the biased mean/variance of x[rows] (over rows and pixels)."""
     dims = [0, *range(2, x.dim())]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import full_precision
+
 PROB_FLOOR = 1e-7
 
 
@@ -16,6 +18,7 @@ def _kl_to(p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     return (p * (p.clamp_min(PROB_FLOOR).log() - log_r)).sum(dim=1)
 
 
+@full_precision
 def js_divergence(p: torch.Tensor, q: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """JS between rows of probability tensors p, q [B, K]; reduction "mean" | "none"."""
     if p.shape != q.shape:
@@ -29,6 +32,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, reduction: str = "mean") -> 
     raise ValueError(f"js_divergence: reduction must be 'mean' or 'none', got {reduction!r}")
 
 
+@full_precision  # softmax and logs of the consistency term in float32
 def js_divergence_logits(logits_a: torch.Tensor, logits_b: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """JS between softmax(logits_a) and softmax(logits_b) (the consistency term of ABRA)."""
     return js_divergence(logits_a.softmax(dim=1), logits_b.softmax(dim=1), reduction)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import full_precision
+
 SIN2_FLOOR = 1e-7  # lower clamp of sin²θ; makes d/dcosθ finite at cosθ = ±1
 
 
@@ -48,6 +50,7 @@ def margin_target_cos(cos_target: torch.Tensor, margin: float) -> torch.Tensor:
     return torch.where(cos_t < math.cos(math.pi - margin), fallback, shifted)
 
 
+@full_precision  # InsightFace casts the cosine logits to float before the margin
 def arcface_logits(cos: torch.Tensor, labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
     """s·cos θ with the target column replaced by s·cos(θ_y + m). `labels` must be valid class ids."""
     target = cos.gather(1, labels[:, None])

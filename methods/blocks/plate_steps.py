@@ -30,11 +30,13 @@ def require_controls(batch: Batch, method: str, minimum: int, hparam: str) -> No
 
 
 def accumulate_per_plate(optimizer: torch.optim.Optimizer, batches: Sequence[Batch],
-                         plate_loss: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]]) -> dict[str, float]:
+                         plate_loss: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]],
+                         backward: Callable[[torch.Tensor], None]) -> dict[str, float]:
     """zero_grad, then for each plate batch backward(plate_loss / n_plates); returns the mean of the metrics.
 
-    The caller then calls `Method.optimizer_step(optimizer, None)` (all-reduce, clip, step), so the
-    update is the gradient of the mean per-plate loss.
+    `backward` is the method's `Method.backward` (it scales the loss under fp16-mixed). The caller then calls
+    `Method.optimizer_step(optimizer, None)` (all-reduce, clip, step), so the update is the gradient of the
+    mean per-plate loss.
     """
     if not batches:
         raise MethodError("training_step received no batch")
@@ -42,7 +44,7 @@ def accumulate_per_plate(optimizer: torch.optim.Optimizer, batches: Sequence[Bat
     totals: dict[str, float] = {}
     for batch in batches:
         loss, metrics = plate_loss(batch)
-        (loss / len(batches)).backward()
+        backward(loss / len(batches))
         for key, value in {"loss": float(loss.detach()), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / len(batches)
     return totals

@@ -24,10 +24,12 @@ from torch import nn
 from .. import distributed
 from ..backbones import INSERTION_POINTS
 from ..errors import MethodError
+from ..precision import full_precision
 from .grl import grad_reverse
 
 
-# ---- statistics -----------------------------------------------------------------------------
+# ---- statistics (float32 under autocast: methods/precision.py) -------------------------------
+@full_precision
 def instance_stats(fmap: torch.Tensor, eps: float, unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and √(var + eps) over (h, w); shapes [B, C, 1, 1].
 
@@ -39,18 +41,21 @@ def instance_stats(fmap: torch.Tensor, eps: float, unbiased: bool = False) -> tu
     return mu, torch.sqrt(var + eps)
 
 
+@full_precision
 def batch_stats(fmap: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and √(var + eps) over (batch, h, w); shapes [1, C, 1, 1]."""
     var, mu = torch.var_mean(fmap, dim=(0, 2, 3), keepdim=True, correction=0)
     return mu, torch.sqrt(var + eps)
 
 
+@full_precision
 def batch_spread(stat: torch.Tensor, eps: float) -> torch.Tensor:
     """DSU's Σ: √(unbiased var over the batch + eps) of per-sample statistics [B, C, 1, 1] → [1, C, 1, 1]."""
     correction = 1 if stat.shape[0] > 1 else 0
     return torch.sqrt(torch.var(stat, dim=0, keepdim=True, correction=correction) + eps)
 
 
+@full_precision
 def restyle(fmap: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, new_mu: torch.Tensor,
             new_sigma: torch.Tensor) -> torch.Tensor:
     """Replace the statistics (mu, sigma) of `fmap` by (new_mu, new_sigma)."""
@@ -176,6 +181,7 @@ class MixStyleLayer(StyleModule):
                                   int(second.sum()))
         return partner
 
+    @full_precision
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         n = fmap.shape[0]
         if not self.training or n < 2 or not self.draw("apply", _coin(self.p, fmap.device)):
@@ -216,6 +222,7 @@ class DSULayer(StyleModule):
         return dsu_perturb(self, fmap, self.eps, self.detach_spread)
 
 
+@full_precision
 def dsu_perturb(module: StyleModule, fmap: torch.Tensor, eps: float, detach_spread: bool = False) -> torch.Tensor:
     """β_i = μ_i + ε₁Σ_μ, γ_i = σ_i + ε₂Σ_σ; nothing detached unless `detach_spread` (then Σ only)."""
     mu, sigma = instance_stats(fmap, eps, unbiased=True)
@@ -255,6 +262,7 @@ class AdvStyleLayer(StyleModule):
             self.theta_sigma.copy_(distributed.allreduce_mean(batch_spread(sigma, self.eps).flatten()))
             self.initialized.fill_(True)
 
+    @full_precision
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return fmap
