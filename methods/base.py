@@ -297,8 +297,13 @@ class Method(nn.Module):
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, scaled under "fp16-mixed": how a method that accumulates gradients itself before
-        `optimizer_step(optimizer, None)` backpropagates."""
-        (loss if self._grad_scaler is None else self._grad_scaler.scale(loss)).backward()
+        `optimizer_step(optimizer, None)` backpropagates.
+
+        Outside autocast, as torch's AMP recipe has it: each backward op then runs in its forward op's dtype. On
+        CPU the backward runs in the calling thread, where the harness's autocast would otherwise recast the
+        backward of float32-guarded blocks (methods/precision.py) to low precision (and bf16 matmuls are slow)."""
+        with torch.autocast(loss.device.type, enabled=False):
+            (loss if self._grad_scaler is None else self._grad_scaler.scale(loss)).backward()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor | None) -> None:
         """zero_grad → backward → average gradients across ranks → clip → step.

@@ -95,7 +95,8 @@ def test_every_builtin_suite_resolves_to_its_recipe(capsys, suite, method, recip
 def test_list_suites_names_every_builtin(capsys):
     assert main(["bench", "--list-suites"]) == 0
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
-    assert listed == {"quickstart", "abra-rxrx1", "abra-rxrx1-wilds", "cs-arm-bn-jump", "wilds-rxrx1"}
+    assert listed == {"quickstart", "quickstart-baselines", "abra-rxrx1", "abra-rxrx1-wilds", "cs-arm-bn-jump",
+                      "wilds-rxrx1"}
 
 
 def test_a_suite_for_a_real_dataset_needs_that_dataset_and_says_so_before_ray(tmp_path, capsys):

@@ -73,6 +73,23 @@ def test_gradients_flow_through_the_guard_to_low_precision_inputs():
     assert x.grad is not None and x.grad.dtype == torch.bfloat16 and bool(torch.isfinite(x.grad).all())
 
 
+def test_backward_of_a_guarded_block_stays_float32_under_autocast():
+    """Method.backward leaves autocast: on CPU the backward runs in the caller's thread, where an active autocast
+    would recompute a float32-guarded block's weight gradient as a bfloat16 matmul."""
+    from types import SimpleNamespace
+
+    from platebench.methods.base import Method
+
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(64, 64), torch.randn(32, 64)
+    energy = full_precision(lambda v: lin(v).pow(2).sum())
+    energy(x).backward()
+    want, lin.weight.grad = lin.weight.grad.clone(), None
+    with BF16:
+        Method.backward(SimpleNamespace(_grad_scaler=None), energy(x))
+    assert torch.equal(lin.weight.grad, want)
+
+
 def test_autocast_refuses_an_unknown_precision():
     with pytest.raises(MethodError, match="precision must be one of fp32, bf16-mixed, fp16-mixed, got 'fp8'"):
         autocast("fp8", "cpu")
