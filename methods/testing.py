@@ -248,7 +248,8 @@ def check_bf16(cls: type[Method], hparams=None, backbone: str = DEFAULT_BACKBONE
     bad = [k for k, p in method.named_parameters() if not bool(torch.isfinite(p).all())]
     assert not bad, f"{cls.name} under bf16-mixed: non-finite parameters {bad[:3]}"
     first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
-    assert last < first, f"{cls.name} under bf16-mixed: loss did not go down over {steps} steps on fixed batches: {values}"
+    assert last < first, (f"{cls.name} under bf16-mixed: loss did not go down over {steps} steps on fixed batches: "
+                          f"{values}")
     method.eval()
     with torch.no_grad(), autocast("bf16-mixed", "cpu"):
         logits = method.predict(eval_batch(method, 0, 5, torch.Generator().manual_seed(1)))
@@ -372,8 +373,6 @@ def check_method(cls: type[Method], hparams: Mapping[str, Any] | None = None, ba
             check(cls, hparams, backbone)
 
 
-__all__ = ["ATOL", "CHECKS", "KIT_HPARAMS", "TASK", "build", "check_bf16", "check_checkpoint", "check_ddp", "check_declarations",
-           "check_loss_decreases", "check_method", "check_predict_shape", "check_reproducible", "check_shared_training",
-           "check_track",
-           "eval_batch", "mixed_batch",
-           "synthetic_batch", "training_batches"]
+__all__ = ["ATOL", "CHECKS", "KIT_HPARAMS", "TASK", "build", "check_bf16", "check_checkpoint", "check_ddp",
+           "check_declarations", "check_loss_decreases", "check_method", "check_predict_shape", "check_reproducible",
+           "check_shared_training", "check_track", "eval_batch", "mixed_batch", "synthetic_batch", "training_batches"]

@@ -26,12 +26,6 @@ TIER_FIXTURES = {"ray": {"ray_session"}, "s3": {"s3_server", "s3_env"}}
 NOT_UNIT = ("ray", "s3", "browser", "slow")
 
 
-def pytest_configure(config):
-    # Not in pyproject.toml's list: tests/faults/ registers its own marker (damaged, missing or concurrent input).
-    config.addinivalue_line("markers", "faults: fault injection: damaged, missing or edited input, concurrent commands "
-                                       "(tests/faults/)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         used = set(item.fixturenames)

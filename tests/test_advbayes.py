@@ -19,7 +19,6 @@ from platebench.methods import MethodError
 from platebench.methods.advbayes import AdvBayes
 from platebench.methods.base import queries_with_labels
 from platebench.methods.blocks.bayes_aug import BayesAugmenter, BayesConv2d, MultiScaleBayesConv, consistency_loss
-from platebench.methods.testing import check_method
 
 TOL = {"atol": 1e-10, "rtol": 1e-8}
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -298,16 +297,3 @@ def test_lr_schedule_scales_the_classifier_but_not_the_augmenter():
 def test_bad_hyperparameters_are_errors(hp, message):
     with pytest.raises(MethodError, match=message):
         AdvBayes(TASK, hp, "resnet-tiny")
-
-
-# ---- the contract kit ------------------------------------------------------------------------------------------
-def test_contract_kit_fast_checks():
-    check_method(AdvBayes, skip=("ddp", "loss_decreases", "reproducible"))
-
-
-@pytest.mark.slow
-def test_contract_kit_slow_checks():
-    for check in ("loss_decreases", "reproducible", "ddp"):
-        from platebench.methods.testing import CHECKS
-
-        CHECKS[check](AdvBayes)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import ray
 import torch
+from platebench.harness import ray_local
 from platebench.harness.cli import main
 from platebench.harness.perf import gpu
 
@@ -15,11 +15,14 @@ pytestmark = pytest.mark.unit
 
 
 def test_without_cuda_it_is_one_line_and_exit_2_before_ray(monkeypatch, capsys):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("perf gpu started Ray before finding that there is no CUDA device")
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray_local, "init", no_ray)
     assert main(["perf", "gpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA device" in err[0]
-    assert not ray.is_initialized()
 
 
 def test_kit_steps_pass_a_learning_method_and_name_a_flat_loss():

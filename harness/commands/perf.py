@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # What a perf flag left out means beyond the shared DEFAULTS (flags.fill_defaults): each benchmark's own amount of
 # work, as the flags' help says.
-_OWN_DEFAULTS = {"data": {"parallelism": 2}, "gpu": {"parallelism": 2}, "tune": {"max_concurrent": 1}, "ingest": {"size": 128}}
+_OWN_DEFAULTS = {"data": {"parallelism": 2}, "gpu": {"parallelism": 2}, "tune": {"max_concurrent": 1},
+                 "ingest": {"size": 128}}
 
 
 def _common(p) -> None:

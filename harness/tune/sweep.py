@@ -55,7 +55,8 @@ class SweepConfig:
 
 def experiment_name(cfg: SweepConfig, dataset_checksum: str) -> str:
     # Run settings away from their defaults name the experiment too (its trials are other runs).
-    settings = (f"-{cfg.precision}" if cfg.precision != DEFAULT_PRECISION else "") + ("-compiled" if cfg.compile else "")
+    settings = ((f"-{cfg.precision}" if cfg.precision != DEFAULT_PRECISION else "")
+                + ("-compiled" if cfg.compile else ""))
     return (f"sweep-{cfg.method.replace('+', '-')}-{cfg.split_scheme}-{dataset_checksum[:8]}-{cfg.space.digest()}"
             f"-{cfg.search}-{cfg.scheduler}-t{cfg.trials}-s{cfg.seed}{settings}")
 

@@ -27,7 +27,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import MethodError
-
 from ..precision import full_precision
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
