@@ -93,6 +93,7 @@ def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
         storage_lock.acquire(str(tmp_path), None, "platebench run")
 
 
+@pytest.mark.slow  # a subprocess: out of the unit tier
 def test_sigterm_releases_the_lock(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
