@@ -33,8 +33,8 @@ from torch import nn
 from .backbones import build_backbone
 from .blocks.probe import PROBE_DEFAULTS, SelfSupervised, common
 from .blocks.ssl import byol_regression, cosine_schedule, ema_update_
-from .blocks.views import ViewSpec
-from .hparams import NON_NEGATIVE, Param
+from .blocks.views import ViewSpec, jitter_hparams
+from .hparams import Param
 from .registry import register
 
 BLUR_PROBS = (1.0, 0.1)  # the code's view 1 and view 2
@@ -68,9 +68,7 @@ class BYOL(SelfSupervised):
         "pred_hidden": Param(4096, low=1),
         "target_init": Param("independent", choices=("independent", "copy")),
         "crop_min_scale": Param(0.08, low=0.0, high=1.0, low_open=True),
-        "brightness": Param(0.4, **NON_NEGATIVE),
-        "contrast": Param(0.4, low=0.0, high=1.0),
-        "jitter_prob": Param(0.8, low=0.0, high=1.0),
+        **jitter_hparams(brightness=0.4, contrast=0.4),
     }
     summary = ("BYOL: online network predicts an EMA target's projection of the other view (cosine momentum "
                "schedule); online linear probe on detached features.")

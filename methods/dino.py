@@ -51,7 +51,7 @@ from .blocks.ssl import (
     teacher_entropy,
     teacher_temperature,
 )
-from .blocks.views import ViewSpec
+from .blocks.views import ViewSpec, jitter_hparams
 from .hparams import NON_NEGATIVE, POSITIVE, Param
 from .registry import register
 
@@ -90,9 +90,7 @@ class DINO(SelfSupervised):
         "local_crop_min_scale": Param(0.05, low=0.0, high=1.0, low_open=True),
         "local_crop_max_scale": Param(0.4, low=0.0, high=1.0, low_open=True),
         "local_crop_size": Param(96 / 224, low=0.0, high=1.0, low_open=True),  # side, a fraction of the image's
-        "brightness": Param(0.4, **NON_NEGATIVE),
-        "contrast": Param(0.4, **UNIT),
-        "jitter_prob": Param(0.8, **UNIT),
+        **jitter_hparams(brightness=0.4, contrast=0.4),
         "eval_network": Param("teacher", choices=("teacher", "student")),
     }
     summary = ("DINO: multi-crop self-distillation into an EMA teacher with centring and sharpening (the official "

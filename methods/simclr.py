@@ -25,8 +25,8 @@ from torch import nn
 from .backbones import build_backbone
 from .blocks.probe import PROBE_DEFAULTS, SelfSupervised, common
 from .blocks.ssl import nt_xent
-from .blocks.views import ViewSpec
-from .hparams import NON_NEGATIVE, POSITIVE, Param
+from .blocks.views import ViewSpec, jitter_hparams
+from .hparams import POSITIVE, Param
 from .registry import register
 
 
@@ -58,9 +58,7 @@ class SimCLR(SelfSupervised):
         "proj_dim": Param(128, low=1),
         "negatives": Param("global", choices=("global", "local")),
         "crop_min_scale": Param(0.08, low=0.0, high=1.0, low_open=True),
-        "brightness": Param(0.8, **NON_NEGATIVE),
-        "contrast": Param(0.8, low=0.0, high=1.0),
-        "jitter_prob": Param(0.8, low=0.0, high=1.0),
+        **jitter_hparams(brightness=0.8, contrast=0.8),
         "blur_prob": Param(0.5, low=0.0, high=1.0),
     }
     summary = ("SimCLR: NT-Xent between two microscopy views (official code's projection head and loss); "

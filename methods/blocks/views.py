@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..hparams import NON_NEGATIVE, Param
 from ..precision import full_precision
 
 # The references' blur: σ uniform in [0.1, 2.0] px on 224 px crops; here in units of the crop's side.
@@ -94,6 +95,13 @@ def gaussian_blur(x: torch.Tensor, g: torch.Generator, p: float,
     flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)
     flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)
     return flat.view(n, c, h, w)
+
+
+def jitter_hparams(brightness: float, contrast: float, jitter_prob: float = 0.8) -> dict[str, Param]:
+    """The views' intensity/contrast jitter hyperparameters with a method's reference defaults (ViewSpec's
+    fields of the same names)."""
+    return {"brightness": Param(brightness, **NON_NEGATIVE), "contrast": Param(contrast, low=0.0, high=1.0),
+            "jitter_prob": Param(jitter_prob, low=0.0, high=1.0)}
 
 
 @dataclass(frozen=True)
