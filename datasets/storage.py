@@ -7,6 +7,8 @@ Options come from explicit values first, then the PLATEBENCH_S3_* / AWS_* enviro
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import re
 import time
@@ -234,6 +236,10 @@ def describe_error(exc: BaseException, where: str) -> StorageError:
         reason = "permission denied"
     elif isinstance(exc, PermissionError) or "forbidden" in low or "access denied" in low or "accessdenied" in low:
         reason = "access denied (private bucket? check credentials, or --s3-anon only for public buckets)"
+    elif getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on the device (free some, or write elsewhere)"
+    elif getattr(exc, "errno", None) == errno.EROFS:
+        reason = "read-only file system"
     elif isinstance(exc, FileNotFoundError) or "nosuchbucket" in low or "not found" in low:
         reason = "not found"
     else:
@@ -263,14 +269,55 @@ def put_atomic(fs, path: str, data: bytes) -> None:
         raise
 
 
+def put_all_atomic(fs, files: dict[str, bytes]) -> None:
+    """Write a set of files that belong together (a leaderboard's formats) so that readers see the old set or the
+    whole new one: every file written under a temporary name first, then all renamed; a failed write (a full
+    disk) removes the temporary files and leaves the old set as it was. Object storage: one PUT each."""
+    if not is_local(fs):
+        for path, data in files.items():
+            fs.pipe_file(path, data)
+        return
+    tmps = {path: f"{path}.tmp-{uuid.uuid4().hex[:8]}" for path in files}
+    try:
+        for path, data in files.items():
+            fs.pipe_file(tmps[path], data)
+    except BaseException:
+        for tmp in tmps.values():
+            if fs.exists(tmp):
+                fs.rm_file(tmp)
+        raise
+    for path, tmp in tmps.items():
+        fs.mv(tmp, path)
+
+
 # Errors a retry cannot fix: reported at once. A local --out under a file (NotADirectoryError) was retried for 60 s.
 _PERMANENT = (PermissionError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+_PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk or quota, a read-only file system
+
+# How long storage reads and writes are retried through an outage before the command gives up, in seconds.
+RETRY_WINDOW_ENV = "PLATEBENCH_STORAGE_RETRY_S"
+DEFAULT_RETRY_WINDOW_S = 60.0
 
 
-def with_retries(fn, where: str, deadline_s: float = 60.0, first_wait_s: float = 1.0):
+def retry_window_s() -> float:
+    """$PLATEBENCH_STORAGE_RETRY_S, else DEFAULT_RETRY_WINDOW_S."""
+    text = os.environ.get(RETRY_WINDOW_ENV, "").strip()
+    if not text:
+        return DEFAULT_RETRY_WINDOW_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise StorageURLError(f"{RETRY_WINDOW_ENV}={text!r}: expected a number of seconds > 0")
+    return value
+
+
+def with_retries(fn, where: str, deadline_s: float | None = None, first_wait_s: float = 1.0):
     """`fn()`, retried with exponential backoff while object storage fails for at most `deadline_s` seconds
-    (an outage, a throttled request); then one StorageError line naming `where`. Errors a retry cannot fix
-    (access denied, not found) are reported at once."""
+    (default `retry_window_s()`: an outage, a throttled request); then one StorageError line naming `where`.
+    Errors a retry cannot fix (access denied, not found, a full disk) are reported at once."""
+    deadline_s = retry_window_s() if deadline_s is None else deadline_s
     start, wait = time.monotonic(), first_wait_s
     while True:
         try:
@@ -278,6 +325,8 @@ def with_retries(fn, where: str, deadline_s: float = 60.0, first_wait_s: float =
         except _PERMANENT as exc:
             raise describe_error(exc, where) from exc
         except STORAGE_ERRORS as exc:
+            if getattr(exc, "errno", None) in _PERMANENT_ERRNOS:
+                raise describe_error(exc, where) from exc
             if time.monotonic() - start + wait > deadline_s:
                 raise describe_error(exc, f"{where} (still failing after {deadline_s:.0f} s of retries)") from exc
             time.sleep(wait)

@@ -126,7 +126,7 @@ def test_filters_select_runs_by_method_and_dataset(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--dataset: no runs of dataset 'rxrx1'" in err and "datasets there: tiny" in err
     assert main(["export", "--records", str(storage), "--out", str(tmp_path / "a")]) == 2  # not into a used folder
-    assert "exists and is not empty" in capsys.readouterr().err
+    assert "exists, is not empty; export into a new folder" in capsys.readouterr().err
 
 
 def test_validate_accepts_the_bundle_and_names_each_problem(trained, bundle, tmp_path, capsys):

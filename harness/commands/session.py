@@ -40,8 +40,20 @@ def add_launch_flags(p) -> None:
                    help="worker failures a run survives (FailureConfig)")
     add_ray_flags(g)
     add_mlflow_flags(g)
-    g.add_argument("--inject-fault", metavar="SPEC", help="resilience drill: kill a worker once, e.g. "
-                                                          "epoch=2,step=3,rank=0,mode=exit")
+    g.add_argument("--inject-fault", metavar="SPEC", type=fault_spec,
+                   help="resilience drill: kill a worker once, e.g. epoch=2,step=3,rank=0,mode=exit or "
+                        "phase=sweeps,mode=exit (phases: train, tests, sweeps, representation)")
+
+
+def fault_spec(text: str) -> str:
+    """--inject-fault's value, checked while the flags are parsed (before the lock, --out or Ray)."""
+    import argparse
+
+    try:
+        faults.parse(text)
+    except HarnessError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--inject-fault: ")) from None
+    return text
 
 
 def local_cpus(args) -> int:
@@ -76,7 +88,6 @@ def launch_from_args(args, mlflow: tracking.MlflowTarget | None) -> Launch:
                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures, mlflow=mlflow,
                     fault=args.inject_fault, placement_strategy=args.placement_strategy,
                     cache_mb=args.cache_mb)
-    faults.parse(args.inject_fault)
     check_storage_writable(launch)
     return launch
 

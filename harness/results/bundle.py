@@ -129,7 +129,9 @@ def export_bundle(records_url: str, out: str, methods: Sequence[str] | None = No
                            f"--dataset {dataset}")
     ofs, oroot = filesystem(out, options)
     if with_retries(lambda: ofs.exists(oroot) and bool(ofs.ls(oroot)), f"reading {out}"):
-        raise HarnessError(f"{out}: exists and is not empty; export into a new folder")
+        unfinished = not with_retries(lambda: ofs.exists(join(oroot, BUNDLE_FILE)), f"reading {out}")
+        why = " and holds no bundle.json (an export that failed?); remove it or" if unfinished else ";"
+        raise HarnessError(f"{out}: exists, is not empty{why} export into a new folder")
     fs, base = filesystem(root, options)
     identity: dict[str, dict] = {}
     for r in records.select(["run_id", "method", "seed", "dataset", "dataset_checksum", "split_scheme", "hparams",

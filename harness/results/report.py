@@ -12,7 +12,7 @@ import io
 import json
 import re
 
-from platebench.datasets.storage import describe_error, filesystem, join
+from platebench.datasets.storage import describe_error, filesystem, join, put_all_atomic
 
 from . import plots
 from .completeness import describe
@@ -302,13 +302,10 @@ def write_report(board: dict, out: str) -> list[str]:
     files = {"leaderboard.md": to_markdown(board).encode(), "leaderboard.csv": to_csv(board).encode(),
              "leaderboard.json": (json.dumps(board, indent=2, allow_nan=False) + "\n").encode(),
              "leaderboard.html": to_html(board, pngs).encode(), **pngs}
-    written = []
+    written = {join(root, name): data for name, data in files.items()}
     try:
         fs.makedirs(root, exist_ok=True)
-        for name, data in files.items():
-            path = join(root, name)
-            fs.pipe_file(path, data)
-            written.append(path)
+        put_all_atomic(fs, written)  # a failure (a full disk) leaves the previous leaderboard whole
     except OSError as exc:
         raise describe_error(exc, f"writing the leaderboard to {out}") from exc
-    return written
+    return list(written)

@@ -12,6 +12,7 @@ from ..analysis.representation import analyze, tracking_metrics, training_batche
 from ..errors import HarnessError
 from ..results.records import main_value, read_records
 from ..results.selection import LEADERBOARD_RULES, select_epoch
+from . import faults
 from .evaluate import Evaluator
 from .job_state import JobState
 from .runspec import RunSpec
@@ -45,10 +46,16 @@ def evaluate_selectable(state: JobState, spec: RunSpec, method: Method, evaluato
     """Test splits at `spec`'s selectable epochs (`selected`, from `selection`; `epochs`: those the training ran)
     and at `shared_epochs` (those of every run sharing its training); the TTA sweeps and the representation
     analysis at its own. Returns `selected`."""
-    lane = state.lane
+    lane, launch = state.lane, state.launch
+    fault = faults.parse(launch.fault)
+
+    def drill(phase: str, epoch: int) -> None:  # --inject-fault phase=tests|sweeps|representation
+        faults.maybe_fail(fault, launch.storage, launch.options, spec.run_id, epoch - 1, 0, lane.rank, phase)
+
     chosen, best = selected["chosen"], selected["best"]
     state.progress(epochs, f"test splits of {spec.method}")
     for epoch in sorted(set(chosen) | set(shared_epochs)):
+        drill("tests", epoch)
         method.load_state_dict(state.store.load_weights(epoch, lane.device))
         rows = state.timed_eval(spec.run_id, evaluator.main, method, epoch, evaluator.test_splits)
         state.write(spec, epoch, rows, kind="tests")
@@ -56,9 +63,11 @@ def evaluate_selectable(state: JobState, spec: RunSpec, method: Method, evaluato
             lane.tracker.log_metrics(spec.run_id, epoch_metrics(rows), epoch, "tests")
         if epoch == best and evaluator.track == "tta":
             state.progress(epochs, f"TTA sweeps of {spec.method}")
+            drill("sweeps", epoch)
             state.write(spec, epoch, state.timed_eval(spec.run_id, evaluator.sweeps, method, epoch), "sweeps")
         if epoch == (best or max(chosen)):
             state.progress(epochs, f"representation of {spec.method}")
+            drill("representation", epoch)
             t0 = time.perf_counter()
             analysis = state.timed_eval(spec.run_id, analyze, method, evaluator, training_batches(evaluator), epoch)
             state.timings["representation_s"][spec.run_id] = time.perf_counter() - t0

@@ -82,6 +82,10 @@ CASES = {
     "sweep --trials 0": (_with(SWEEP, "--trials", "0"), ["argument --trials: must be >= 1, got 0"]),
     "sweep --workers 0": (_with(SWEEP, "--workers", "0"), ["argument --workers: must be >= 1, got 0"]),
     "sweep --precision fp8": (_with(SWEEP, "--precision", "fp8"), ["argument --precision: invalid choice: 'fp8'"]),
+    "run --inject-fault phase": (_with(RUN, "--inject-fault", "phase=eval"),
+                                 ["--inject-fault: phase must be one of train, tests, sweeps, representation", "'eval'"]),
+    "bench --inject-fault step": (_with(BENCH, "--inject-fault", "step=one"),
+                                  ["--inject-fault: step needs an integer, got 'one'"]),
     # names and hyperparameters the command checks itself
     "run --method": (_with(RUN, "--method", "nope"), ["unknown method 'nope'"]),
     "bench --methods": (_with(BENCH, "--methods", "nope"), ["'nope'"]),
@@ -217,6 +221,20 @@ def test_a_local_permission_error_is_reported_at_once_without_the_s3_hint(tmp_pa
     assert calls == [1]
     assert str(exc.value).startswith(f"writing {tmp_path}/lock.json: permission denied (PermissionError:")
     assert "bucket" not in str(exc.value)
+
+
+@unit
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf"])
+def test_a_bad_storage_retry_window_is_one_line_naming_the_variable(tmp_path, capsys, monkeypatch, value):
+    from leaderboard_fixtures import write_root
+
+    records = write_root(tmp_path / "store", datasets=("alpha",), methods=("erm",))
+    monkeypatch.setenv("PLATEBENCH_STORAGE_RETRY_S", value)
+    assert _main(["leaderboard", "--records", records, "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"platebench leaderboard: error: PLATEBENCH_STORAGE_RETRY_S={value!r}: expected a number of "
+                     "seconds > 0"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_bucket_is_one_line_saying_so(tiny_dataset, tmp_path, capsys, no_ray, s3_env):
