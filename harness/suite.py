@@ -281,12 +281,24 @@ def resolved_runs(suite: Suite) -> list[tuple[str, int, dict]]:
     return out
 
 
-README_START = "<!-- quickstart-leaderboard:start -->"
-README_END = "<!-- quickstart-leaderboard:end -->"
+def readme_markers(suite_name: str) -> tuple[str, str]:
+    """The comments around a suite's leaderboard block in a README (`bench --readme`): one block per suite."""
+    return f"<!-- {suite_name}-leaderboard:start -->", f"<!-- {suite_name}-leaderboard:end -->"
+
+
+def check_readme(path: str, suite_name: str) -> None:
+    """`bench --readme FILE`, checked before anything runs: the file exists and holds the suite's markers."""
+    start, end = readme_markers(suite_name)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise HarnessError(f"--readme {path}: cannot read it ({exc.strerror or exc})") from None
+    if start not in text or end not in text:
+        raise HarnessError(f"--readme {path}: no {start} ... {end} markers to replace")
 
 
 def readme_block(board: dict, wall_seconds: float, command: str, splits: tuple[str, ...] = ("test",)) -> str:
-    """The README's quickstart leaderboard: the test-split tables (both tracks) of `board`, plus provenance."""
+    """A suite's README leaderboard block: the test-split tables (both tracks) of `board`, plus provenance."""
     import os
     import time
 
@@ -304,11 +316,10 @@ def readme_block(board: dict, wall_seconds: float, command: str, splits: tuple[s
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_readme(path: str, block: str) -> None:
-    """Replace the text between the quickstart-leaderboard markers of `path` (refuses if they are missing)."""
-    text = Path(path).read_text()
-    if README_START not in text or README_END not in text:
-        raise HarnessError(f"{path}: no {README_START} ... {README_END} markers to replace")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    Path(path).write_text(f"{head}{README_START}\n{block}{README_END}{tail}")
+def update_readme(path: str, suite_name: str, block: str) -> None:
+    """Replace the text between `suite_name`'s leaderboard markers of `path` (checked by `check_readme`)."""
+    check_readme(path, suite_name)
+    start, end = readme_markers(suite_name)
+    head, rest = Path(path).read_text().split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(path).write_text(f"{head}{start}\n{block}{end}{tail}")

@@ -12,7 +12,8 @@ from platebench.harness.errors import HarnessError
 def test_bench_generates_data_trains_and_writes_the_leaderboard(tmp_path, capsys):
     out = tmp_path / "out"
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench.README_START}\nSTALE-BLOCK\n{bench.README_END}\nrest\n")
+    start, end = bench.readme_markers("quickstart")
+    readme.write_text(f"intro\n{start}\nSTALE-BLOCK\n{end}\nrest\n")
     argv = ["bench", "--preset", "tiny", "--methods", "erm", "adabn", "--seeds", "0", "1", "--epochs", "2",
             "--hparams", "batch_size=4", "--out", str(out), "--readme", str(readme)]
     assert main(argv) == 0

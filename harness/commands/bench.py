@@ -26,8 +26,9 @@ def add_parser(sub):
     flags.add_model_flags(p)
     flags.add_baseline_flag(p)
     flags.add_max_concurrent_flag(p)
-    p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's quickstart-leaderboard block with the "
-                                                   "test-split tables (how README.md's figures are produced)")
+    p.add_argument("--readme", metavar="FILE", help="also rewrite FILE's block between <!-- SUITE-leaderboard:start "
+                                                   "--> and <!-- SUITE-leaderboard:end --> with the test-split "
+                                                   "tables (how README.md's figures are produced)")
     add_launch_flags(p)
     return p
 
@@ -108,6 +109,8 @@ def run(args) -> int:
     # dataset when it exists already (a preset is generated on Ray, then checked).
     bench.require_given(suite)
     bench.resolved_runs(suite)
+    if args.readme:
+        bench.check_readme(args.readme, suite.name)
     url = bench.dataset_url(suite, out)
     specs = bench.build_all_specs(suite, open_dataset(url)) if "url" in suite.dataset else None
     with session.storage_locked(args):  # one writing command per storage root, taken before Ray starts
@@ -142,7 +145,7 @@ def run(args) -> int:
                 argv = args.argv
                 kept = [a for i, a in enumerate(argv) if a != "--readme" and not (i and argv[i - 1] == "--readme")]
                 command = "platebench " + " ".join(shlex.quote(a) for a in kept)
-                bench.update_readme(args.readme, bench.readme_block(board, time.time() - t0, command))
+                bench.update_readme(args.readme, suite.name, bench.readme_block(board, time.time() - t0, command))
         if mlflow:
             end_parent(mlflow.tracking_uri, mlflow.parent_run_id,
                        status="FAILED" if any("error" in r for r in results) else "FINISHED",

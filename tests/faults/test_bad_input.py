@@ -34,6 +34,7 @@ FILES = {  # written into the test's folder; {NAME} in an argument is its path
     "out_of_range.yaml": SUITE + "workers: 0\n",
     "empty_range.yaml": SPACE.replace("low: 1.0e-4, high: 1.0e-2", "low: 1.0e-2, high: 1.0e-4"),
     "bad_distribution.yaml": SPACE.replace("loguniform", "gaussian"),
+    "no_markers.md": "# a README without the suite's leaderboard markers\n",
 }
 
 
@@ -104,6 +105,9 @@ CASES = {
                                   ["wrong_type.yaml: epochs must be an integer >= 1, got 'many'"]),
     "bench --config out of range": (["bench", "--config", "{out_of_range.yaml}", "--out", "{out}", "--no-mlflow"],
                                     ["out_of_range.yaml: workers must be an integer >= 1, got 0"]),
+    "bench --readme missing": (_with(BENCH, "--readme", "{tmp}/none.md"), ["--readme", "none.md: cannot read it"]),
+    "bench --readme no markers": (_with(BENCH, "--readme", "{no_markers.md}"),
+                                  ["no_markers.md: no <!-- quickstart-leaderboard:start -->"]),
     "bench --config missing": (["bench", "--config", "{tmp}/none.yaml", "--out", "{out}", "--no-mlflow"],
                                ["none.yaml"]),
     "sweep --space empty range": (_with(SWEEP, "--space", "{empty_range.yaml}"),
