@@ -183,3 +183,21 @@ def test_resume_refuses_a_checkpoint_that_is_not_tensors_only(small_ds, interrup
     assert "state.pt: not a tensors-only checkpoint, refusing to load it" in err
     assert not marker.exists()  # nothing from storage was executed
     assert not list(Path(out, "runs").glob("*/done.json"))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_diverged_training_stops_there_and_the_leaderboard_names_it(small_ds, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    # Adam at lr 1e30: the loss is NaN from the second step on.
+    assert main(["run", "--data", small_ds, "--split-scheme", "new_batches", "--method", "erm", "--seeds", "0",
+                 "--epochs", "3", "--hparams", "batch_size=8", "lr=1e30", "--no-mlflow", "--out", str(out)]) == 0
+    done = json.loads(next(Path(out, "runs").glob("*/done.json")).read_text())
+    assert done["diverged_epoch"] == 1 and done["timings"]["trained_epochs"] == 1  # epochs 2-3 never trained
+    t = read_records(str(out)).to_pandas()
+    overall = t[(t.domain_kind == "all") & (t.split == "val")].set_index("metric").value
+    assert set(t.epoch) == {1} and overall.isna()["loss"] and 0 <= overall["accuracy"] <= 1
+    assert main(["leaderboard", "--records", str(out), "--out", str(tmp_path / "board")]) == 0
+    text = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert f"erm seed 0 (run {done['run_id']}): diverged at epoch 1" in text

@@ -153,7 +153,7 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
     labels = source_labels(sources)
     return {"tables": tables, "sweeps": build_sweeps(rows), "sweeps_left_out": sweeps_left_out(records, rows),
             "overall": overall, "cost": cost_out, "representation": representation,
-            "skipped_runs": [dict(x) for x in skipped],
+            "skipped_runs": [dict(x) for x in skipped], "diverged_runs": diverged_runs({r["run_id"] for r in rows}, done),
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
                          "run_settings": run_settings({r["run_id"] for r in rows}, done),
                          "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,
@@ -183,6 +183,19 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
                                   "gpu_hours": "(training_s + evaluation_s) * workers * gpus_per_worker / 3600",
                                   "shared": "a training shared by several methods is counted in full for each",
                                   "notes": cost_notes}}}
+
+
+def diverged_runs(run_ids, done: Mapping[str, Mapping] | None) -> list[dict]:
+    """The runs behind the tables whose training diverged (harness/train/epochs.py): their done markers'
+    `diverged_epoch`. They stay in the tables, read at their selected epoch like every run."""
+    out = []
+    for run_id in sorted(run_ids):
+        marker = (done or {}).get(run_id) or {}
+        if marker.get("diverged_epoch"):
+            spec = marker.get("spec") or {}
+            out.append({"run_id": run_id, "method": spec.get("method"), "seed": spec.get("seed"),
+                        "epoch": marker["diverged_epoch"]})
+    return out
 
 
 def run_settings(run_ids, done: Mapping[str, Mapping] | None) -> dict[str, list]:

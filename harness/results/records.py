@@ -19,7 +19,7 @@ from platebench.datasets.storage import StorageOptions, filesystem, join, put_at
 
 from ..errors import HarnessError
 from .layout import EPOCH_FILES, epoch_records_file, records_dir, storage_root
-from .vocabulary import ACCURACY, DOMAIN_KINDS, METRICS, PROTOCOLS, ROLES, TRACKS, is_main_overall
+from .vocabulary import ACCURACY, DOMAIN_KINDS, LOSS, METRICS, PROTOCOLS, ROLES, TRACKS, is_main_overall
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -86,10 +86,12 @@ def validate(records: pa.Table) -> None:
     for name in records.column_names:
         if records.column(name).null_count:
             raise HarnessError(f"records: field '{name}' has {records.column(name).null_count} empty (null) value(s)")
-    if len(records) and not pc.all(pc.is_finite(records.column("value"))).as_py():
-        r = records.filter(pc.invert(pc.is_finite(records.column("value")))).slice(0, 1).to_pylist()[0]
+    # A loss may be NaN or infinite (a diverged training's last epoch); every other value must be finite.
+    bad_value = pc.and_(pc.invert(pc.is_finite(records.column("value"))), pc.not_equal(records.column("metric"), LOSS))
+    if len(records) and pc.any(bad_value).as_py():
+        r = records.filter(bad_value).slice(0, 1).to_pylist()[0]
         raise HarnessError(f"records: run {r['run_id']} epoch {r['epoch']} split '{r['split']}': field 'value' is "
-                           f"{r['value']} (values must be finite)")
+                           f"{r['value']} (values other than a loss must be finite)")
     if len(records) and pc.min(records.column("epoch")).as_py() < 1:
         raise HarnessError("records: field 'epoch' must be >= 1 (epochs are 1-based)")
     kind_all = pc.equal(records.column("domain_kind"), "all")

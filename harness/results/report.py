@@ -44,6 +44,15 @@ SKIPPED_HEAD = ("Runs left out as incomplete (not in any table, rank or test; `p
                 "problem):")
 
 
+DIVERGED_HEAD = ("Trainings that diverged (a non-finite training loss; nothing trained after that epoch; each run is "
+                 "read at its selected epoch like every other):")
+
+
+def diverged_notes(board: dict) -> list[str]:
+    return [f"{d['method']} seed {d['seed']} (run {d['run_id']}): diverged at epoch {d['epoch']}"
+            for d in board.get("diverged_runs", [])]
+
+
 def skipped_notes(board: dict) -> list[str]:
     """One line per run the leaderboard left out (harness/results/completeness.py)."""
     return [describe(x) for x in board.get("skipped_runs", [])]
@@ -66,6 +75,8 @@ def to_markdown(board: dict) -> str:
         lines += [note, ""]
     if skipped := skipped_notes(board):
         lines += [SKIPPED_HEAD, "", *[f"- {n}" for n in skipped], ""]
+    if diverged := diverged_notes(board):
+        lines += [DIVERGED_HEAD, "", *[f"- {n}" for n in diverged], ""]
     for t in board["tables"]:
         lines += [f"## {plots.table_title(t)}", ""]
         lines += md_table(*table_matrix(t, ids))
@@ -239,6 +250,8 @@ def to_html(board: dict, pngs: dict[str, bytes]) -> str:
         parts.append(f"<p id='sources'>{html.escape(note)}</p>")
     if skipped := skipped_notes(board):
         parts.append(f"<section id='skipped-runs'><p>{html.escape(SKIPPED_HEAD)}</p>{_ul(skipped)}</section>")
+    if diverged := diverged_notes(board):
+        parts.append(f"<section id='diverged-runs'><p>{html.escape(DIVERGED_HEAD)}</p>{_ul(diverged)}</section>")
     parts.append("<nav>" + "".join(f"<a href='#track-{html.escape(_slug(tr))}'>{html.escape(tr)} track</a>"
                                    for tr in tracks) + "<a href='#hparams'>hyperparameters</a></nav>")
 

@@ -16,6 +16,8 @@ own epoch from its own validation numbers.
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -80,7 +82,7 @@ def select_epoch(run_records: pa.Table | Iterable[Mapping], rule: str = "val", *
             raise HarnessError(f"run {run}: no validation loss (split_role 'val', domain_kind 'all', protocol "
                                "'main'); use --selection last-epoch or record the validation split")
         split = next(r["split"] for r in rows if r["split_role"] == "val")
-        epoch = min(curve, key=lambda e: (curve[e], e))
+        epoch = min(curve, key=lambda e: (math.isnan(curve[e]), curve[e], e))  # a NaN loss (diverged) is worst
         return Selection(epoch, rule, split, curve[epoch])
     if rule == "last-epoch":
         epochs = [r["epoch"] for r in rows if r["protocol"] == MAIN]

@@ -1,12 +1,14 @@
 """The epochs of one training, on every rank of its lane (ranks train disjoint plates): resume from the
 training's checkpoint, then per epoch train from the seeded plate stream, save the weights, evaluate every
 protocol of the job on the validation splits (records written by rank 0), save the resume state, report to
-Ray Train, and stop early when the trained method's validation metric stopped improving. Ends with the
-training's done marker (how many epochs it ran, its history)."""
+Ray Train, and stop early when the trained method's validation metric stopped improving, or when the epoch's
+training metrics are not finite (the training diverged). Ends with the training's done marker (how many epochs
+it ran, its history, the epoch it diverged at)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -80,6 +82,8 @@ def train_epochs(state: JobState, ds, task, trainer: Method, todo: list[RunSpec]
     monitor = _monitor(state, ds, task, todo, protocols, evaluators) if patience else None
     history = train_state.history
     for epoch in range(train_state.epoch, epochs):
+        if history and history[-1].get("diverged"):
+            break  # resumed after the diverged epoch's checkpoint
         if patience and should_stop([h["monitor"] for h in history], hp["early_stop_metric"], patience):
             break  # resumed after the stopping epoch's checkpoint
         state.progress(epoch + 1, "training")
@@ -112,6 +116,12 @@ def train_epochs(state: JobState, ds, task, trainer: Method, todo: list[RunSpec]
         train_metrics = {f"train_{k}": v / max(1, steps) for k, v in sums.items()}
         train_state.epoch = epoch + 1
         entry = {"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds, **train_metrics}
+        # A non-finite training loss does not come back: the training stops here (its records show the epoch).
+        from platebench.methods.distributed import all_gather_objects
+
+        diverged = any(all_gather_objects([not all(math.isfinite(v) for v in train_metrics.values())]))  # every rank
+        if diverged:
+            entry["diverged"] = True
         if monitor is not None:
             spec, method, evaluator = monitor
             rows = all_rows.get(spec.run_id)
@@ -128,10 +138,11 @@ def train_epochs(state: JobState, ds, task, trainer: Method, todo: list[RunSpec]
         first = vals.get(todo[0].run_id)
         ray.train.report({"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds,
                           "val_accuracy": first if first is not None else float("nan"), **train_metrics})
-        if patience and should_stop([h["monitor"] for h in history], hp["early_stop_metric"], patience):
+        if diverged or patience and should_stop([h["monitor"] for h in history], hp["early_stop_metric"], patience):
             break
     timings["epochs"] = train_state.epoch
     if lane.rank == 0:
         state.store.write_done({"training": t.to_dict(), "epochs": train_state.epoch, "planned_epochs": epochs,
                                 "stopped_early": train_state.epoch < epochs, "history": history,
+                                "diverged_epoch": next((h["epoch"] for h in history if h.get("diverged")), None),
                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

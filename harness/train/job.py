@@ -56,7 +56,9 @@ def run_job(job: Job, lane: Lane, queue) -> list[dict]:
     if finished is None:
         train_epochs(state, ds, task, trainer, todo, protocols, evaluators)
         finished = state.store.read_done() if lane.rank == 0 else None
-    epochs = all_gather_objects([finished["epochs"] if lane.rank == 0 else None])[0]  # < planned: stopped early
+    # epochs < planned: stopped early (or diverged: the epoch it did, else None)
+    epochs, diverged = all_gather_objects([(finished["epochs"], finished.get("diverged_epoch"))
+                                           if lane.rank == 0 else None])[0]
     for spec in todo:  # protocols that missed epochs (added later, or replayed): from the kept weights
         _catch_up(state, spec, protocols[spec.run_id], evaluators[spec.run_id], epochs)
     _record_placement(state, todo)
@@ -68,7 +70,7 @@ def run_job(job: Job, lane: Lane, queue) -> list[dict]:
     for spec in todo:
         selected = evaluate_selectable(state, spec, protocols[spec.run_id], evaluators[spec.run_id], epochs,
                                        selections[spec.run_id], shared)
-        results.append(finish_run(state, spec, selected, epochs) if lane.rank == 0 else {})
+        results.append(finish_run(state, spec, selected, epochs, diverged) if lane.rank == 0 else {})
     lane.tracker.close(t.training_id)
     lane.tracker.flush()
     return [*({**d, "skipped": True} for d in done.values() if d is not None), *results]

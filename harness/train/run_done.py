@@ -12,9 +12,9 @@ from .job_state import JobState
 from .runspec import RunSpec
 
 
-def finish_run(state: JobState, spec: RunSpec, selected: dict, epochs: int) -> dict:
+def finish_run(state: JobState, spec: RunSpec, selected: dict, epochs: int, diverged_epoch: int | None = None) -> dict:
     """`spec`'s done marker as written (`selected`: from selectable_epochs.selection; `epochs`: those the
-    training ran)."""
+    training ran; `diverged_epoch`: where its training loss stopped being finite, if it did)."""
     lane, timings = state.lane, state.timings
     chosen, best = selected["chosen"], selected["best"]
     state.log_json(spec.run_id, "config.json", spec.to_dict())
@@ -24,7 +24,7 @@ def finish_run(state: JobState, spec: RunSpec, selected: dict, epochs: int) -> d
     return write_run_done(state.launch.storage, spec, {
         "training_id": state.training.training_id, "shared_with": [r.method for r in state.job.runs],
         "selected_epoch": best, "selectable_epochs": chosen, "git_commit": commit(),
-        "final_metrics": {"epoch": epochs, "val_accuracy": selected["last_val"]},
+        "final_metrics": {"epoch": epochs, "val_accuracy": selected["last_val"]}, "diverged_epoch": diverged_epoch,
         "timings": {"setup_s": timings["setup_s"], "training_s": timings["train_s"],
                     "evaluation_s": timings["eval_s"].get(spec.run_id, 0.0),
                     # part of evaluation_s: the representation analysis at the selected epoch
