@@ -153,7 +153,8 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
     labels = source_labels(sources)
     return {"tables": tables, "sweeps": build_sweeps(rows), "sweeps_left_out": sweeps_left_out(records, rows),
             "overall": overall, "cost": cost_out, "representation": representation,
-            "skipped_runs": [dict(x) for x in skipped], "diverged_runs": diverged_runs({r["run_id"] for r in rows}, done),
+            "skipped_runs": [dict(x) for x in skipped],
+            "diverged_runs": diverged_runs({r["run_id"] for r in rows}, done),
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
                          "run_settings": run_settings({r["run_id"] for r in rows}, done),
                          "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,

@@ -17,7 +17,6 @@ own epoch from its own validation numbers.
 from __future__ import annotations
 
 import math
-
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass

@@ -84,7 +84,8 @@ CASES = {
     "sweep --workers 0": (_with(SWEEP, "--workers", "0"), ["argument --workers: must be >= 1, got 0"]),
     "sweep --precision fp8": (_with(SWEEP, "--precision", "fp8"), ["argument --precision: invalid choice: 'fp8'"]),
     "run --inject-fault phase": (_with(RUN, "--inject-fault", "phase=eval"),
-                                 ["--inject-fault: phase must be one of train, tests, sweeps, representation", "'eval'"]),
+                                 ["--inject-fault: phase must be one of train, tests, sweeps, representation",
+                                  "'eval'"]),
     "bench --inject-fault step": (_with(BENCH, "--inject-fault", "step=one"),
                                   ["--inject-fault: step needs an integer, got 'one'"]),
     # names and hyperparameters the command checks itself

@@ -5,7 +5,6 @@ written whole leaves the previous one whole, or no bundle that could be taken fo
 from __future__ import annotations
 
 import errno
-import json
 from pathlib import Path
 
 import pytest
