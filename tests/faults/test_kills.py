@@ -67,7 +67,7 @@ def _assert_same_results(out, reference) -> None:
     assert not [p for p in Path(out).rglob("*") if ".tmp" in p.name]  # no half-written file left behind
 
 
-@pytest.mark.parametrize("phase", ["tests", "sweeps", "representation"])
+@pytest.mark.parametrize("phase", ["sweeps", "representation"])
 def test_worker_killed_during_a_post_training_phase_redoes_that_phase_only(kill_ds, reference, tmp_path, phase):
     out = Path(shutil.copytree(reference, tmp_path / "out"))
     # The training is done; its runs' evaluations after training and done markers are not (as if the
