@@ -94,3 +94,4 @@ def test_bundle_export_outage_leaves_no_bundle_that_validates(records_on_s3, tmp
     assert main(["export", "--records", url, "--out", str(bundle)]) == 0
     assert main(["export", "--records", local, "--out", str(tmp_path / "local-bundle")]) == 0
     assert _files(bundle) == _files(tmp_path / "local-bundle")
+
