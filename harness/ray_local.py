@@ -97,6 +97,8 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     import ray
 
     if ray.is_initialized():
+        if address:  # a process already connected (the API used in-process): --address must still answer
+            check_reachable(address)
         return ray.get_runtime_context()
     import logging
 
