@@ -256,17 +256,7 @@ def put_atomic(fs, path: str, data: bytes) -> None:
     """Write `data` so that readers see the old object or the whole new one, and an interrupted write leaves
     nothing behind: on a local disk a temporary file renamed over the target; on object storage one PUT
     (atomic there; a temporary key plus copy would leave a stray object when interrupted between the two)."""
-    if not is_local(fs):
-        fs.pipe_file(path, data)
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm_file(tmp)
-        raise
+    put_all_atomic(fs, {path: data})
 
 
 def put_all_atomic(fs, files: dict[str, bytes]) -> None:
@@ -281,13 +271,13 @@ def put_all_atomic(fs, files: dict[str, bytes]) -> None:
     try:
         for path, data in files.items():
             fs.pipe_file(tmps[path], data)
+        for path, tmp in tmps.items():
+            fs.mv(tmp, path)
     except BaseException:
         for tmp in tmps.values():
             if fs.exists(tmp):
                 fs.rm_file(tmp)
         raise
-    for path, tmp in tmps.items():
-        fs.mv(tmp, path)
 
 
 # Errors a retry cannot fix: reported at once. A local --out under a file (NotADirectoryError) was retried for 60 s.
@@ -299,18 +289,24 @@ RETRY_WINDOW_ENV = "PLATEBENCH_STORAGE_RETRY_S"
 DEFAULT_RETRY_WINDOW_S = 60.0
 
 
-def retry_window_s() -> float:
-    """$PLATEBENCH_STORAGE_RETRY_S, else DEFAULT_RETRY_WINDOW_S."""
-    text = os.environ.get(RETRY_WINDOW_ENV, "").strip()
+def env_seconds(name: str, default: float, error: type[Exception]) -> float:
+    """A wait in seconds from environment variable `name` (`default` when unset); anything but a finite number
+    > 0 raises `error` with one line naming the variable and its value."""
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_RETRY_WINDOW_S
+        return default
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0 < value < math.inf:
-        raise StorageURLError(f"{RETRY_WINDOW_ENV}={text!r}: expected a number of seconds > 0")
+        raise error(f"{name}={text!r}: expected a number of seconds > 0")
     return value
+
+
+def retry_window_s() -> float:
+    """$PLATEBENCH_STORAGE_RETRY_S, else DEFAULT_RETRY_WINDOW_S."""
+    return env_seconds(RETRY_WINDOW_ENV, DEFAULT_RETRY_WINDOW_S, StorageURLError)
 
 
 def with_retries(fn, where: str, deadline_s: float | None = None, first_wait_s: float = 1.0):

@@ -58,16 +58,9 @@ DEFAULT_START_WAIT_S = 120.0
 
 def start_wait_s() -> float:
     """The start-up wait of a local Ray: $PLATEBENCH_RAY_START_WAIT_S, else DEFAULT_START_WAIT_S."""
-    text = os.environ.get(START_WAIT_ENV, "").strip()
-    if not text:
-        return DEFAULT_START_WAIT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise HarnessError(f"{START_WAIT_ENV}={text!r}: expected a number of seconds > 0")
-    return value
+    from platebench.datasets.storage import env_seconds
+
+    return env_seconds(START_WAIT_ENV, DEFAULT_START_WAIT_S, HarnessError)
 
 
 def runtime_env_vars() -> dict[str, str]:

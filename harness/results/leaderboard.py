@@ -151,12 +151,13 @@ def build_leaderboard(records: pa.Table, baseline: str = "erm", rule: str = "val
     overall, overall_notes = ranks.overall_ranks(tables, alpha)
     cost_out, cost_notes = cost.cost_tables(tables, done or {})
     labels = source_labels(sources)
+    run_ids = {r["run_id"] for r in rows}
     return {"tables": tables, "sweeps": build_sweeps(rows), "sweeps_left_out": sweeps_left_out(records, rows),
             "overall": overall, "cost": cost_out, "representation": representation,
             "skipped_runs": [dict(x) for x in skipped],
-            "diverged_runs": diverged_runs({r["run_id"] for r in rows}, done),
+            "diverged_runs": diverged_runs(run_ids, done),
             "settings": {"baseline": baseline, "selection": rule, "alpha": alpha, "holm_over": "p_paired_t",
-                         "run_settings": run_settings({r["run_id"] for r in rows}, done),
+                         "run_settings": run_settings(run_ids, done),
                          "interval": {"method": stats.INTERVAL, "confidence": stats.CONFIDENCE,
                                       "of": "mean paired difference vs the baseline over seeds"},
                          "no_spread": "every seed's paired difference equal: no p-value (the t-test is undefined), "

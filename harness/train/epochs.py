@@ -61,6 +61,7 @@ def train_epochs(state: JobState, ds, task, trainer: Method, todo: list[RunSpec]
                  evaluators: dict) -> None:
     """Train `trainer` to the job's last epoch (or its early stop), validating the protocols of `todo`."""
     import ray.train
+    from platebench.methods.distributed import all_gather_objects
 
     lane, launch, t, timings = state.lane, state.launch, state.training, state.timings
     train_state = checkpointing.TrainState()
@@ -117,8 +118,6 @@ def train_epochs(state: JobState, ds, task, trainer: Method, todo: list[RunSpec]
         train_state.epoch = epoch + 1
         entry = {"epoch": epoch + 1, "steps": steps, "train_seconds": train_seconds, **train_metrics}
         # A non-finite training loss does not come back: the training stops here (its records show the epoch).
-        from platebench.methods.distributed import all_gather_objects
-
         diverged = any(all_gather_objects([not all(math.isfinite(v) for v in train_metrics.values())]))  # every rank
         if diverged:
             entry["diverged"] = True
