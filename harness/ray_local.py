@@ -17,8 +17,10 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from platebench.datasets.storage import RETRY_WINDOW_ENV
 
 from .errors import HarnessError
 
@@ -43,8 +45,9 @@ RAY_ENV = {
 # Non-secret settings a Ray started or joined here hands its workers through runtime_env, besides RAY_ENV. Never
 # credentials: Ray's runtime-env agent writes this environment in plain text to the session's logs. Workers read
 # credentials from their own environment (a local Ray's workers inherit the driver's) or an instance role.
+# The storage retry window too: workers write checkpoints and records, and wait out an outage as long as the driver.
 RUNTIME_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "PLATEBENCH_S3_ENDPOINT", "PLATEBENCH_S3_ANON",
-                    "PLATEBENCH_S3_REGION")
+                    "PLATEBENCH_S3_REGION", RETRY_WINDOW_ENV)
 
 
 # Credentials Ray Tune would copy from the driver's environment into every trial's runtime_env.
@@ -122,6 +125,12 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     # Ray warns on every local start that it turned token authentication on (its default, kept): noise in a
     # command's output, and a second stderr line beside a start-up error.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if include_dashboard:
+        # Ray imports the dashboard's dependencies inside the start; an import cut short by the start-wait timer
+        # reads as "dashboard dependencies failed to install" (six lines from Ray's logger). Imported here, outside
+        # the timer; a real failure is left to Ray to report.
+        with suppress(ImportError):
+            import ray.dashboard.optional_deps  # noqa: F401
     started = time.monotonic()
     try:
         with _start_wait(wait_s):

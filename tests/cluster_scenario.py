@@ -107,7 +107,7 @@ def main(data: str, work: str) -> None:
     out = {"nodes": len([n for n in ray.nodes() if n["Alive"]]), "second_node": second.node_id}
     try:
         ds = open_dataset(data)
-        spec = build_specs(ds, "new_batches", "erm", {"epochs": 2, "batch_size": 4}, [0], "resnet-tiny")[0]
+        spec = build_specs(ds, "new_batches", "erm", {"epochs": 1, "batch_size": 4}, [0], "resnet-tiny")[0]
         for name, strategy in (("spread", "STRICT_SPREAD"), ("pack", "PACK")):
             launch = Launch(storage=f"{work}/{name}", workers=2, placement_strategy=strategy, max_failures=0)
             res = fit_run(spec, launch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -73,10 +72,11 @@ class S3Server:
         self.proc = None
 
     def start(self):
-        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+        # moto with the one answer pyarrow's S3 writer needs fixed (Ray Train's storage writes through pyarrow).
+        script = Path(__file__).with_name("moto_s3_server.py")
+        self.proc = subprocess.Popen([sys.executable, str(script), "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
+        deadline = time.time() + 60
         while time.time() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):

@@ -1,4 +1,5 @@
-"""`moto_server` with one fix, for tests that write through pyarrow's native S3 client (Ray Train / Tune storage).
+"""The tests' S3 server (conftest.S3Server): `moto_server` with one fix, so that pyarrow's native S3 client (Ray
+Train / Tune storage) can write to it.
 
 moto names the root of its CompleteMultipartUpload answer `CompleteMultipartUploadResponse`; S3 answers
 `CompleteMultipartUploadResult`, and pyarrow (which checks that name for errors hidden in a 200 OK) treats anything

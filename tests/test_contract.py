@@ -28,8 +28,12 @@ def _method_class(name: str):
 
 
 # Sizes only, every code path kept: DINO's 65,536-prototype head made its bf16 check a minute of emulated
-# bf16 matmuls on CPU; 4,096 prototypes and 2 local crops (its declared options) test the same code.
-KIT_SIZES = {"dino": {"out_dim": 4096, "local_crops": 2}}
+# bf16 matmuls on CPU; 4,096 prototypes and 2 local crops (its declared options) test the same code. CS-ARM-BN's
+# 4 plates of 32 queries + 32 controls a step (256 images) and AdvBayes's 10 adversary steps a step cost 35-40 s of
+# emulated bf16 each: 2 plates of 8 + 8 and 2 adversary steps take the same paths.
+KIT_SIZES = {"dino": {"out_dim": 4096, "local_crops": 2},
+             "cs-arm-bn": {"batch_size": 8, "n_controls": 8, "plates_per_step": 2},
+             "advbayes": {"adv_steps": 2}}
 
 
 @pytest.mark.parametrize("check", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CHECKS else c

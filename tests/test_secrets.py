@@ -11,40 +11,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import S3Server
 from ray_procs import kill_ray_under
 from shard_fixtures import build_tiny_dataset
 
 # Distinctive values: a hit can only be a copy of them.
 SECRET = "pbSentinelSecret" + uuid.uuid4().hex
 KEY_ID = "PBSENTINELKEYID" + uuid.uuid4().hex[:12].upper()
-
-
-class PyarrowS3Server(S3Server):
-    """moto with the one answer pyarrow's S3 writer needs fixed (tests/moto_s3_server.py)."""
-
-    def start(self):
-        import socket
-        import time
-
-        script = Path(__file__).with_name("moto_s3_server.py")
-        self.proc = subprocess.Popen([sys.executable, str(script), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("moto_s3_server.py did not start")
-
-
-@pytest.fixture(scope="module")
-def pyarrow_s3():
-    server = PyarrowS3Server().start()
-    yield server
-    server.stop()
 
 
 def _hits(root: Path, needles: list[bytes]) -> list[str]:
@@ -66,11 +38,12 @@ def test_runtime_env_carries_only_non_secret_settings(monkeypatch):
 
     for name, value in {"AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SESSION_TOKEN": SECRET,
                         "MLFLOW_TRACKING_PASSWORD": SECRET, "PLATEBENCH_S3_ENDPOINT": "http://127.0.0.1:9",
-                        "PLATEBENCH_S3_REGION": "eu-west-1"}.items():
+                        "PLATEBENCH_S3_REGION": "eu-west-1", "PLATEBENCH_STORAGE_RETRY_S": "300"}.items():
         monkeypatch.setenv(name, value)
     env = ray_local.runtime_env_vars()
     assert SECRET not in repr(env) and KEY_ID not in repr(env)
     assert env["PLATEBENCH_S3_ENDPOINT"] == "http://127.0.0.1:9" and env["PLATEBENCH_S3_REGION"] == "eu-west-1"
+    assert env["PLATEBENCH_STORAGE_RETRY_S"] == "300"  # workers wait out a storage outage as long as the driver
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
 
 
@@ -96,10 +69,9 @@ def test_storage_options_never_write_credentials():
 @pytest.mark.ray  # a `platebench sweep` subprocess starts its own Ray, on its own moto server
 @pytest.mark.s3
 @pytest.mark.slow
-def test_sweep_writes_no_credential_anywhere(tmp_path, pyarrow_s3):
+def test_sweep_writes_no_credential_anywhere(tmp_path, s3_server):
     """A sweep on S3 with sentinel AWS credentials in its environment: they appear in no file of Ray's session
     folder (logs included), of the output folder (MLflow store included) or of the bucket."""
-    s3_server = pyarrow_s3
     import boto3
 
     s3_server.create_bucket("pb-secrets")

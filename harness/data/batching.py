@@ -80,7 +80,10 @@ def to_batch(item: RowBatch, manifest: Manifest, domains: DomainIndex, keep_ids:
     tables = [item.queries] + ([item.controls] if item.controls is not None else [])
     n_q = item.queries.num_rows
     n_c = item.controls.num_rows if item.controls is not None else 0
-    x = _images([decode_images(t.column("image"), manifest.image_shape, manifest.dtype) for t in tables], pin)
+    # Chunk by chunk (a batch spanning two parts has two): joining the chunks first would copy every image twice.
+    x = _images([decode_images(chunk, manifest.image_shape, manifest.dtype)
+                 for t in tables for chunk in (t.column("image").chunks or [t.column("image").combine_chunks()])],
+                pin)
     labels = np.concatenate([item.queries.column("label").to_numpy(), np.full(n_c, -1, np.int64)])
     plates = pa.concat_arrays([t.column("plate").combine_chunks() for t in tables]).to_pylist()
     ids = item.queries.column("image_id").to_pylist() if keep_ids else None

@@ -146,7 +146,7 @@ class Rebatcher:
             self._add_controls(block.filter(pa.array(is_control)))
         if not query_mask.any():
             return
-        rows = block.filter(pa.array(query_mask))
+        rows = block if query_mask.all() else block.filter(pa.array(query_mask))  # filter copies every image
         if not self.shape.plate_pure:
             self._push_mixed(plate, rows)
             return

@@ -15,6 +15,7 @@ equalises rows, not plate-pure batches, and cannot keep plates disjoint across r
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class StreamConfig:
     prefetch_blocks: int = 4
     read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
     read_concurrency: int | None = None  # cap on concurrent read tasks (None: Ray Data decides)
+    read_task_mb: int = 256  # images a read task reads, in runs of whole parts (source.read_groups)
     plates: tuple[str, ...] | None = None  # restrict to these plates (benchmarks, debugging)
     keep_ids: bool = False
     channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: self-standardised images
@@ -224,7 +226,10 @@ class PlateStream:
         from .source import PART_INDEX, PlateShardDatasource, plain_error
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
+        # Enough runs for two per slot (the slots are the read concurrency, else this node's cores).
+        slots = self.config.read_concurrency or os.cpu_count() or 1
+        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries,
+                                      task_bytes=self.config.read_task_mb * 2**20, min_tasks=2 * slots)
         data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
                                         concurrency=self.config.read_concurrency)
         # Blocks in part order whatever order the parallel read tasks finish in (a busy machine reorders them):

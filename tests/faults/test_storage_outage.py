@@ -1,17 +1,22 @@
-"""Storage outage at the end of a benchmark: the records are on S3 (reached through a TCP proxy that can be
-taken down) and the leaderboard or the bundle is being built from them. A short outage is retried and gives
-the same tables; a long one ends in one line (exit 2) within a bounded wait and leaves no leaderboard or
-bundle that could be read as complete; the same command after the outage completes."""
+"""Storage outages (S3 on moto, reached through a TCP proxy that can be taken down).
+
+While a run writes (its weights, records, resume state, done marker): a short outage is waited out and changes
+nothing (records and weights bit-equal to the same run on a local disk); a long one is one line naming the file,
+within a bounded wait, and leaves no object at all; the same write then completes.
+While a leaderboard or bundle reads a finished benchmark's records: a short outage is retried and gives the same
+tables; a long one ends in one line (exit 2) within a bounded wait and leaves no leaderboard or bundle that could
+be read as complete; the same command after the outage completes."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from leaderboard_fixtures import write_root
+from leaderboard_fixtures import _row, write_root
 from platebench.harness.cli import main
 from tcp_proxy import TcpProxy
 
@@ -95,3 +100,155 @@ def test_bundle_export_outage_leaves_no_bundle_that_validates(records_on_s3, tmp
     assert main(["export", "--records", local, "--out", str(tmp_path / "local-bundle")]) == 0
     assert _files(bundle) == _files(tmp_path / "local-bundle")
 
+
+
+# -- writes: a run's checkpoints, records and done marker ------------------------------------------------------
+@pytest.fixture
+def bucket_behind_proxy(s3_env, monkeypatch):
+    """(storage URL on moto reached through the proxy, proxy): an empty storage root a run writes into."""
+    monkeypatch.setenv("PLATEBENCH_STORAGE_RETRY_S", "4")
+    bucket = f"pb-wr-{int(time.time() * 1000) % 10**8}"
+    s3_env.create_bucket(bucket)
+    proxy = TcpProxy(s3_env.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield f"s3://{bucket}/root", proxy
+    proxy.down()
+
+
+def _writes(storage: str):
+    """The writes a run makes, in its order: an epoch's weights, its records, the resume state, the done marker;
+    each as (name, write(), read back)."""
+    import torch
+    from platebench.harness.results.layout import read_done, write_run_file
+    from platebench.harness.results.records import read_records, write_epoch_records
+    from platebench.harness.train.checkpointing import TrainingStore, TrainState
+
+    store = TrainingStore(storage, None, "t-outage")
+    weights = {"w": torch.arange(6.0).view(2, 3)}
+    rows = [_row("r-outage", "erm", "alpha", 0, 1, "val", "all", "all", 0.5)]
+    return [
+        ("weights/epoch-00001.pt", lambda: store.save_weights(1, weights),
+         lambda: store.load_weights(1)["w"].tolist()),
+        ("records", lambda: write_epoch_records(storage, "r-outage", 1, rows),
+         lambda: read_records(storage).to_pylist()),
+        ("state.pt", lambda: store.save_state({"step": torch.tensor(7)}, TrainState(epoch=1)),
+         lambda: (store.load_state()[0]["step"].item(), store.load_state()[1].epoch)),
+        ("done.json", lambda: write_run_file(storage, "r-outage", "done.json", {"run_id": "r-outage"}),
+         lambda: read_done(storage, "r-outage")),
+    ]
+
+
+@pytest.mark.parametrize("which", range(4), ids=["weights", "records", "state", "done"])
+def test_a_short_outage_while_a_run_writes_is_retried_to_the_same_object(bucket_behind_proxy, which):
+    storage, proxy = bucket_behind_proxy
+    name, write, read = _writes(storage)[which]
+    proxy.down()
+    threading.Timer(1.5, proxy.up).start()  # back inside the retry window (4 s)
+    write()
+    assert proxy._server is not None  # the write really waited for the outage to end
+    expected = {"weights/epoch-00001.pt": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], "state.pt": (7, 1)}
+    got = read()
+    if name in expected:
+        assert got == expected[name]
+    elif name == "records":
+        assert [r["value"] for r in got] == [0.5] and len(got) == 1
+    else:
+        assert got["run_id"] == "r-outage"
+
+
+@pytest.mark.parametrize("which", range(4), ids=["weights", "records", "state", "done"])
+def test_a_long_outage_while_a_run_writes_is_one_line_and_leaves_nothing_readable(bucket_behind_proxy, which):
+    from platebench.datasets.errors import StorageError
+
+    storage, proxy = bucket_behind_proxy
+    name, write, read = _writes(storage)[which]
+    proxy.down()
+    t0 = time.time()
+    with pytest.raises(StorageError) as err:
+        write()
+    assert time.time() - t0 < 4 + 30  # the window, plus the S3 client's own retries of the last attempt
+    line = str(err.value)
+    assert "\n" not in line and "still failing after 4 s" in line and "cannot reach the S3 endpoint" in line, line
+    assert storage.split("/")[2] in line, line
+    proxy.up()
+    # Nothing half-written: no object at all, never a truncated one a reader could take for the real thing; and
+    # once storage is back the same write completes.
+    assert _objects(storage) == []
+    write()
+    assert _objects(storage) and read()
+
+
+def _objects(storage: str) -> list[str]:
+    from platebench.datasets.storage import filesystem
+
+    fs, root = filesystem(storage, None)
+    fs.invalidate_cache()
+    return fs.find(root)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_run_waits_out_a_storage_outage_while_it_writes_and_its_results_do_not_change(s3_env, tiny_dataset,
+                                                                                          tmp_path):
+    """`fit_run` with its storage on S3 behind the proxy; the proxy is cut for 3 s as soon as epoch 1's weights are
+    in the bucket, i.e. while the worker writes that epoch's records and resume state. The run waits it out and
+    its records and weights equal those of the same run on a local disk; the bucket holds no stray object."""
+    import boto3
+    from platebench.datasets.shards import open_dataset
+    from platebench.harness.results.records import read_records
+    from platebench.harness.train.checkpointing import TrainingStore
+    from platebench.harness.train.runner import Launch, fit_run
+    from platebench.harness.train.runspec import build_specs
+
+    bucket = f"pb-run-{int(time.time() * 1000) % 10**8}"
+    s3_env.create_bucket(bucket)
+    proxy = TcpProxy(s3_env.port)
+    spec = build_specs(open_dataset(tiny_dataset), "new_batches", "erm", {"epochs": 2, "batch_size": 8}, [0],
+                       "resnet-tiny")[0]
+    direct = boto3.client("s3", endpoint_url=s3_env.endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    cut = threading.Event()
+
+    def cut_after_first_weights():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", [])]
+            if any(k.endswith("weights/epoch-00001.pt") for k in keys):
+                proxy.down()
+                cut.set()
+                time.sleep(3)
+                proxy.up()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=cut_after_first_weights, daemon=True)
+    watcher.start()
+    url = f"s3://{bucket}/runs"
+    try:
+        through_proxy = replace(s3_env.options(), endpoint_url=proxy.endpoint)
+        done = fit_run(spec, Launch(storage=url, options=through_proxy, max_failures=0))
+    finally:
+        watcher.join(30)
+        proxy.down()
+    assert cut.is_set(), "the outage never happened"
+    local = str(tmp_path / "local")
+    reference = fit_run(spec, Launch(storage=local, max_failures=0))
+    opts = s3_env.options()
+
+    def rows(storage, options=None):
+        return sorted((r["epoch"], r["split"], r["domain_kind"], r["domain"], r["metric"], r["value"])
+                      for r in read_records(storage, options).to_pylist())
+
+    assert rows(url, opts) == rows(local)  # bit-equal: the outage changed nothing
+    assert {r[0] for r in rows(url, opts)} == {1, 2} and not done["skipped"] and not reference["skipped"]
+    for epoch in (1, 2):
+        got = TrainingStore(url, opts, spec.training().training_id).load_weights(epoch)
+        want = TrainingStore(local, None, spec.training().training_id).load_weights(epoch)
+        assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in got)
+    objects = {o["Key"]: o["LastModified"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert not [k for k in objects if ".tmp" in k], sorted(objects)
+    # The outage did hit a write: epoch 1's records, written just after its weights, waited it out.
+    weights = next(t for k, t in objects.items() if k.endswith("weights/epoch-00001.pt"))
+    records = next(t for k, t in objects.items() if "/records/" in k and k.rsplit("/", 1)[1].startswith("epoch-00001"))
+    assert (records - weights).total_seconds() >= 2, (weights, records)
