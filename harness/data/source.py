@@ -1,27 +1,26 @@
-"""A Ray Data datasource over the parts of a plate-shard dataset: one block per part, read by tasks that each read a
-run of consecutive parts (`read_groups`).
+"""A Ray Data datasource over the parts of a plate-shard dataset: one read task per part.
 
 Why not `ray.data.read_parquet`: on every dataset creation it samples files with one-CPU Ray tasks
 (`_fetch_file_infos`), which cannot be scheduled while Train workers hold the CPUs (a deadlock with
 two concurrent runs on a small box), and it may split or merge files into blocks. Here the manifest
 already knows every part's rows and size, each read task runs platebench's validating reader (schema,
 row count, image byte length, and the sha256 of the bytes it fetched against the manifest), and storage
-failures are retried with backoff inside the task, so a block is either a whole, valid part or an error:
-never a partial, damaged or duplicated one. Each block carries its part's index in the read (`PART_INDEX`, one
-constant column) so the stream can check that blocks arrive in plan order whatever the machine's load.
+failures are retried with backoff inside the task, so what a task returns is a whole, valid part or an error:
+never a partial, damaged or duplicated one. Each row carries its part's index in the read (`PART_INDEX`, one
+constant column per part), and `whole_parts` puts the parts back together from Ray Data's blocks: Ray Data
+may cut a large block (over 1.5 times its target block size) or, for a task that returns several tables, join
+them, so a block is not always a part; the stream still gets whole parts, in plan order, each with the rows the
+manifest lists, whatever the machine's load.
 
-Why several parts per task: Ray Data's executor collects finished work in steps of up to 0.1 s (it waits for
-all its running tasks, or 0.1 s), so a task that reads one part in a few tens of milliseconds leaves its slot
-idle for the rest of the step: one 12 MB part per task delivered 4,330 images/s where two pyarrow threads read
-the same parts at 14,927. A task yields its parts' blocks one by one as it reads them, so memory in flight is
-still a few parts, and the run of parts a task reads is short enough that every slot gets work.
+A task carries a handle that knows only its own part (`ShardDataset.reader`): the whole manifest would be
+pickled into every task by the driver and parsed again in every worker.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 from platebench.datasets.errors import DatasetError, StorageError
 from platebench.datasets.manifest import Part
@@ -29,64 +28,71 @@ from platebench.datasets.shards import ShardDataset
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from ..errors import HarnessError
+
 PART_INDEX = "_part_index"  # the stream drops it before anything else sees the block
 
 
-def read_groups(part_bytes: Sequence[int], task_bytes: int, min_tasks: int) -> list[range]:
-    """Consecutive runs of part indices, one per read task, in order and covering every part once: runs of about
-    `task_bytes` of images, but at least `min_tasks` runs (when there are that many parts) so that every slot
-    has work and the last tasks finish together; one part is never split."""
-    n = len(part_bytes)
-    if n == 0:
-        return []
-    tasks = min(n, max(math.ceil(sum(part_bytes) / max(1, task_bytes)), min_tasks, 1))
-    # Cut at the byte quantiles: runs of near-equal size even when parts differ (a plate's last part is short);
-    # cut early only when each remaining part must start a run of its own.
-    total, bounds, acc = sum(part_bytes), [0], 0
-    for i in range(1, n):
-        if len(bounds) == tasks:
-            break
-        acc += part_bytes[i - 1]
-        if acc * tasks >= total * len(bounds) or n - i == tasks - len(bounds):
-            bounds.append(i)
-    bounds.append(n)
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
 class PlateShardDatasource(Datasource):
-    def __init__(self, dataset: ShardDataset, parts: Sequence[Part], retries: int = 3, backoff_s: float = 1.0,
-                 task_bytes: int = 256 * 2**20, min_tasks: int = 1):
+    def __init__(self, dataset: ShardDataset, parts: Sequence[Part], retries: int = 3, backoff_s: float = 1.0):
         super().__init__()
         self.dataset, self.parts = dataset, list(parts)
         self.retries, self.backoff_s = retries, backoff_s
-        self.task_bytes, self.min_tasks = task_bytes, min_tasks
 
     def estimate_inmemory_data_size(self) -> int:
         return sum(p.rows for p in self.parts) * self.dataset.manifest.image_nbytes
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        # Runs of parts regardless of `parallelism`, one block per part: blocks must never mix plates.
+        # One task per part regardless of `parallelism`: a part is never read twice or split between tasks.
         nbytes = self.dataset.manifest.image_nbytes
         tasks = []
-        for run in read_groups([p.rows * nbytes for p in self.parts], self.task_bytes, self.min_tasks):
-            mine = [(i, self.parts[i]) for i in run]
-            rows = sum(p.rows for _, p in mine)
-            meta = BlockMetadata(num_rows=rows, size_bytes=rows * nbytes,
-                                 exec_stats=None, input_files=tuple(self.dataset.part_url(p) for _, p in mine))
-            tasks.append(ReadTask(_reader(self.dataset, mine, self.retries, self.backoff_s), meta))
+        for index, part in enumerate(self.parts):
+            meta = BlockMetadata(num_rows=part.rows, size_bytes=part.rows * nbytes, exec_stats=None,
+                                 input_files=(self.dataset.part_url(part),))
+            tasks.append(ReadTask(_ReadPart(self.dataset, part, index, self.retries, self.backoff_s), meta))
         return tasks
 
     def get_name(self) -> str:
         return "PlateShards"
 
 
-def _reader(dataset: ShardDataset, parts: list[tuple[int, Part]], retries: int, backoff_s: float):
-    def read():
-        for index, part in parts:  # a generator: each block leaves the task as soon as its part is read
-            table = dataset.read_part(part, verify=True, retries=retries, backoff_s=backoff_s)
-            yield table.append_column(PART_INDEX, pa.array([index] * table.num_rows, pa.int32()))
+class _ReadPart:
+    """A read task's work: its part as one table with its index in the read. A module-level class, so that a task
+    pickles as a reference plus a handle on its own part (a closure is pickled by value)."""
 
-    return read
+    def __init__(self, dataset: ShardDataset, part: Part, index: int, retries: int, backoff_s: float):
+        self.dataset, self.part, self.index = dataset.reader([part]), part, index
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def __call__(self) -> list[pa.Table]:
+        table = self.dataset.read_part(self.part, verify=True, retries=self.retries, backoff_s=self.backoff_s)
+        return [table.append_column(PART_INDEX, pa.array([self.index] * table.num_rows, pa.int32()))]
+
+
+def whole_parts(blocks: Iterable[pa.Table], rows: Sequence[int], where: Callable[[int], str]) -> Iterator[pa.Table]:
+    """The parts of a read, whole and in order (without their index column), from Ray Data's blocks however they
+    were shaped. `rows[i]` is part i's row count in the manifest; `where(i)` names part i in errors."""
+    expected, pieces, have = 0, [], 0
+    for block in blocks:
+        if not block.num_rows:
+            continue
+        index = block.column(PART_INDEX).to_numpy()
+        starts = [0, *(np.flatnonzero(np.diff(index)) + 1).tolist()]
+        for start, end in zip(starts, [*starts[1:], block.num_rows]):
+            got = int(index[start])
+            if expected >= len(rows) or got != expected:
+                raise HarnessError(f"{where(min(expected, len(rows) - 1))}: Ray Data delivered part {got} of the read "
+                                   f"in its place; the epoch's order would depend on timing")
+            pieces.append(block.slice(start, end - start))
+            have += end - start
+            if have > rows[expected]:
+                raise HarnessError(f"{where(expected)}: stream delivered {have} rows, manifest says {rows[expected]}")
+            if have == rows[expected]:
+                part = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+                yield part.drop_columns([PART_INDEX])
+                expected, pieces, have = expected + 1, [], 0
+    if expected < len(rows):
+        raise HarnessError(f"{where(expected)}: stream delivered {have} rows, manifest says {rows[expected]}")
 
 
 def plain_error(exc: BaseException) -> BaseException:

@@ -1,10 +1,11 @@
 """Plate-grouped streaming of a split from plate shards (local disk or S3) with Ray Data.
 
 Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads the parts
-it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one block per part, verified against
-its checksum, delivered in plan order whatever order the reads finish in, so an epoch's batches are a function
-of (spec, epoch, rank) alone) and turns blocks into batches with the re-batcher: uint8 images on the host, made
-float, standardised and augmented on the training device (harness/data/batching.py). The number of steps per
+it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one read task per part, verified against
+its checksum; whole parts in plan order whatever order the reads finish in or however Ray Data shapes its
+blocks, so an epoch's batches are a function of (spec, epoch, rank) alone) and turns parts into batches with
+the re-batcher: uint8 images on the host, made float, standardised and augmented on the training device
+(harness/data/batching.py). The number of steps per
 epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
 never wait on a rank that ran dry (a rank whose stream ends early would leave the others waiting in an
 all-reduce).
@@ -15,7 +16,6 @@ equalises rows, not plate-pure batches, and cannot keep plates disjoint across r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,7 +47,6 @@ class StreamConfig:
     prefetch_blocks: int = 4
     read_retries: int = 3  # per part, exponential backoff from 1 s (storage outages)
     read_concurrency: int | None = None  # cap on concurrent read tasks (None: Ray Data decides)
-    read_task_mb: int = 256  # images a read task reads, in runs of whole parts (source.read_groups)
     plates: tuple[str, ...] | None = None  # restrict to these plates (benchmarks, debugging)
     keep_ids: bool = False
     channel_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # None: self-standardised images
@@ -216,33 +215,26 @@ class PlateStream:
             fetched.close()
 
     def read_parts(self, parts: list) -> Iterator[pa.Table]:
-        """One block per part of `parts`, in order, read by Ray Data tasks (no cache). The one source of blocks:
+        """Each part of `parts`, whole and in order, read by Ray Data tasks (no cache). The one source of blocks:
         a subclass that reads another way overrides it (perf.plain.PlainPlateStream)."""
         if not parts:
             return
         import ray.data
         from platebench.datasets.errors import DatasetError, StorageError
 
-        from .source import PART_INDEX, PlateShardDatasource, plain_error
+        from .source import PlateShardDatasource, plain_error, whole_parts
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        # Enough runs for two per slot (the slots are the read concurrency, else this node's cores).
-        slots = self.config.read_concurrency or os.cpu_count() or 1
-        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries,
-                                      task_bytes=self.config.read_task_mb * 2**20, min_tasks=2 * slots)
+        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
         data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
                                         concurrency=self.config.read_concurrency)
         # Blocks in part order whatever order the parallel read tasks finish in (a busy machine reorders them):
         # Ray Data's own reordering, set on this dataset's copy of the context so no other job can turn it off.
         data.context.execution_options.preserve_order = True
+        blocks = data.iter_batches(batch_size=None, batch_format="pyarrow",
+                                   prefetch_batches=self.config.prefetch_blocks)
         try:
-            for index, block in enumerate(data.iter_batches(batch_size=None, batch_format="pyarrow",
-                                                            prefetch_batches=self.config.prefetch_blocks)):
-                got = block.column(PART_INDEX)[0].as_py() if block.num_rows else index
-                if got != index:
-                    raise HarnessError(f"{self.ds.part_url(parts[index])}: Ray Data delivered part {got} of the read "
-                                       f"in its place; the epoch's order would depend on timing")
-                yield block.drop_columns([PART_INDEX])
+            yield from whole_parts(blocks, [p.rows for p in parts], lambda i: self.ds.part_url(parts[i]))
         except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
             raise plain_error(exc) from None
 
