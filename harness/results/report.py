@@ -12,7 +12,7 @@ import io
 import json
 import re
 
-from platebench.datasets.storage import describe_error, filesystem, join, put_all_atomic
+from platebench.datasets.storage import filesystem, join, put_all_atomic, with_retries
 
 from . import plots
 from .completeness import describe
@@ -316,9 +316,11 @@ def write_report(board: dict, out: str) -> list[str]:
              "leaderboard.json": (json.dumps(board, indent=2, allow_nan=False) + "\n").encode(),
              "leaderboard.html": to_html(board, pngs).encode(), **pngs}
     written = {join(root, name): data for name, data in files.items()}
-    try:
+
+    def write():
         fs.makedirs(root, exist_ok=True)
-        put_all_atomic(fs, written)  # a failure (a full disk) leaves the previous leaderboard whole
-    except OSError as exc:
-        raise describe_error(exc, f"writing the leaderboard to {out}") from exc
+        put_all_atomic(fs, written)  # on a disk, a failure (a full disk) leaves the previous leaderboard whole
+
+    # Retried through a storage outage like every storage write; a full disk or a refusal is one line at once.
+    with_retries(write, f"writing the leaderboard to {out}")
     return list(written)

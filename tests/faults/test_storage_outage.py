@@ -87,6 +87,38 @@ def test_short_outage_while_the_leaderboard_reads_is_retried_to_the_same_tables(
     assert _tables(tmp_path / "board") == _tables(tmp_path / "local")
 
 
+def test_a_leaderboard_written_to_s3_waits_out_a_short_outage_and_a_long_one_is_one_line(records_on_s3, tmp_path,
+                                                                                        capsys, monkeypatch):
+    from platebench.harness.results import report
+
+    url, proxy, local = records_on_s3
+    board = url.rsplit("/", 1)[0] + "/board"
+    real, timers = report.put_all_atomic, []
+
+    def outage_then_write(fs, files):  # the outage starts as the leaderboard's files are written
+        if not timers:
+            proxy.down()
+            timers.append(threading.Timer(2.0, proxy.up))  # back inside the retry window (6 s)
+            timers[0].start()
+        return real(fs, files)
+
+    monkeypatch.setattr(report, "put_all_atomic", outage_then_write)
+    assert main(["leaderboard", "--records", local, "--baseline", "erm", "--out", board]) == 0
+    timers[0].join()
+    monkeypatch.setattr(report, "put_all_atomic", real)
+    assert main(["leaderboard", "--records", local, "--baseline", "erm", "--out", str(tmp_path / "local")]) == 0
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=proxy.endpoint, key="testing", secret="testing")
+    assert json.loads(fs.cat_file(board[5:] + "/leaderboard.json"))["tables"] == \
+        json.loads((tmp_path / "local" / "leaderboard.json").read_text())["tables"]
+    capsys.readouterr()
+    proxy.down()
+    assert main(["leaderboard", "--records", local, "--baseline", "erm", "--out", board + "2"]) == 2
+    line = _one_line(capsys)
+    assert f"writing the leaderboard to {board}2" in line and "cannot reach the S3 endpoint" in line, line
+
+
 def test_bundle_export_outage_leaves_no_bundle_that_validates(records_on_s3, tmp_path, capsys):
     url, proxy, local = records_on_s3
     bundle = tmp_path / "bundle"
