@@ -284,3 +284,50 @@ def test_a_run_waits_out_a_storage_outage_while_it_writes_and_its_results_do_not
     weights = next(t for k, t in objects.items() if k.endswith("weights/epoch-00001.pt"))
     records = next(t for k, t in objects.items() if "/records/" in k and k.rsplit("/", 1)[1].startswith("epoch-00001"))
     assert (records - weights).total_seconds() >= 2, (weights, records)
+
+
+def test_a_bundle_written_to_s3_waits_out_a_short_outage_and_a_cut_one_is_never_taken_for_a_bundle(
+        records_on_s3, tmp_path, capsys, monkeypatch):
+    import s3fs
+    from platebench.harness.results import bundle as bundle_module
+
+    url, proxy, local = records_on_s3
+    out = url.rsplit("/", 1)[0] + "/bundle"
+    real, written, timers = bundle_module.put_atomic, [], []
+
+    def outage_after_three_files(fs, path, data):  # a short outage with the bundle half written
+        written.append(path)
+        if len(written) == 4:
+            proxy.down()
+            timers.append(threading.Timer(2.0, proxy.up))  # back inside the retry window (6 s)
+            timers[0].start()
+        return real(fs, path, data)
+
+    monkeypatch.setattr(bundle_module, "put_atomic", outage_after_three_files)
+    assert main(["export", "--records", local, "--out", out]) == 0
+    timers[0].join()
+    assert main(["export", "--records", local, "--out", str(tmp_path / "local-bundle")]) == 0
+    fs = s3fs.S3FileSystem(endpoint_url=proxy.endpoint, key="testing", secret="testing")
+    fs.get(out[5:], str(tmp_path / "from-s3"), recursive=True)
+    assert _files(tmp_path / "from-s3") == _files(tmp_path / "local-bundle")
+
+    # A long outage after three files: one line; what was written has no bundle.json and is refused as a bundle.
+    written.clear()
+
+    def cut_after_three_files(fs, path, data):
+        written.append(path)
+        if len(written) == 4:
+            proxy.down()
+        return real(fs, path, data)
+
+    monkeypatch.setattr(bundle_module, "put_atomic", cut_after_three_files)
+    capsys.readouterr()
+    assert main(["export", "--records", local, "--out", out + "2"]) == 2
+    line = _one_line(capsys)
+    assert f"writing the bundle to {out}2" in line and "cannot reach the S3 endpoint" in line, line
+    proxy.up()
+    fs.invalidate_cache()
+    assert fs.find(out[5:] + "2") and not fs.exists(out[5:] + "2/bundle.json")  # half a bundle, without its seal
+    monkeypatch.setattr(bundle_module, "put_atomic", real)
+    assert main(["export", "--records", local, "--out", out + "2"]) == 2
+    assert "holds no bundle.json" in _one_line(capsys)
