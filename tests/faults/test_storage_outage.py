@@ -3,9 +3,9 @@
 While a run writes (its weights, records, resume state, done marker): a short outage is waited out and changes
 nothing (records and weights bit-equal to the same run on a local disk); a long one is one line naming the file,
 within a bounded wait, and leaves no object at all; the same write then completes.
-While a leaderboard or bundle reads a finished benchmark's records: a short outage is retried and gives the same
-tables; a long one ends in one line (exit 2) within a bounded wait and leaves no leaderboard or bundle that could
-be read as complete; the same command after the outage completes."""
+While a leaderboard or bundle reads a finished benchmark's records, or writes itself to S3: a short outage is
+retried and gives the same tables or files; a long one ends in one line (exit 2) within a bounded wait and leaves
+no leaderboard or bundle that could be read as complete; the same command after the outage completes."""
 
 from __future__ import annotations
 
