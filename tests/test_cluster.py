@@ -13,7 +13,8 @@ import pytest
 from ray_procs import kill_ray_under
 from shard_fixtures import build_tiny_dataset
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a two-node Ray cluster in a subprocess
+# A two-node Ray cluster in a subprocess, about 3 minutes on 2 cores: on request (pytest -m cluster), not in CI's run.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.cluster]
 
 def test_two_node_cluster_runs_and_sweeps(tmp_path):
     data = build_tiny_dataset(tmp_path / "ds", images_per_plate=32)

@@ -138,7 +138,7 @@ def test_bundle_export_outage_leaves_no_bundle_that_validates(records_on_s3, tmp
 @pytest.fixture
 def bucket_behind_proxy(s3_env, monkeypatch):
     """(storage URL on moto reached through the proxy, proxy): an empty storage root a run writes into."""
-    monkeypatch.setenv("PLATEBENCH_STORAGE_RETRY_S", "4")
+    monkeypatch.setenv("PLATEBENCH_STORAGE_RETRY_S", "3")
     bucket = f"pb-wr-{int(time.time() * 1000) % 10**8}"
     s3_env.create_bucket(bucket)
     proxy = TcpProxy(s3_env.port)
@@ -175,7 +175,7 @@ def test_a_short_outage_while_a_run_writes_is_retried_to_the_same_object(bucket_
     storage, proxy = bucket_behind_proxy
     name, write, read = _writes(storage)[which]
     proxy.down()
-    threading.Timer(1.5, proxy.up).start()  # back inside the retry window (4 s)
+    threading.Timer(1.0, proxy.up).start()  # back inside the retry window (3 s)
     write()
     assert proxy._server is not None  # the write really waited for the outage to end
     expected = {"weights/epoch-00001.pt": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], "state.pt": (7, 1)}
@@ -198,9 +198,9 @@ def test_a_long_outage_while_a_run_writes_is_one_line_and_leaves_nothing_readabl
     t0 = time.time()
     with pytest.raises(StorageError) as err:
         write()
-    assert time.time() - t0 < 4 + 30  # the window, plus the S3 client's own retries of the last attempt
+    assert time.time() - t0 < 3 + 30  # the window, plus the S3 client's own retries of the last attempt
     line = str(err.value)
-    assert "\n" not in line and "still failing after 4 s" in line and "cannot reach the S3 endpoint" in line, line
+    assert "\n" not in line and "still failing after 3 s" in line and "cannot reach the S3 endpoint" in line, line
     assert storage.split("/")[2] in line, line
     proxy.up()
     # Nothing half-written: no object at all, never a truncated one a reader could take for the real thing; and
