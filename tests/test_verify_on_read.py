@@ -87,7 +87,7 @@ def test_ray_data_keeps_the_type_of_a_read_tasks_dataset_error(tmp_path):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     with pytest.raises(DatasetError) as info:
-        ray.data.read_datasource(PlateShardDatasource(ds, [part], retries=0), override_num_blocks=1).materialize()
+        ray.data.read_datasource(PlateShardDatasource(ds, [part], 1, retries=0), override_num_blocks=1).materialize()
     assert isinstance(info.value, RayTaskError)
     plain = plain_error(info.value)
     assert type(plain) is DatasetError and "\n" not in str(plain)

@@ -53,3 +53,27 @@ def test_a_read_that_ends_early_names_the_missing_part():
 def test_a_block_beyond_the_last_part_is_refused():
     with pytest.raises(HarnessError, match="part-2: Ray Data delivered part 0"):
         list(whole_parts([*_reshaped([]), _part(0)], ROWS, _where))
+
+
+@pytest.mark.parametrize("sizes,slots,budget,runs", [
+    ([10] * 8, 2, 1000, [(0, 4), (4, 8)]),           # half the read per task: both read slots busy
+    ([10] * 8, 1, 25, [(0, 2), (2, 4), (4, 6), (6, 8)]),  # the byte budget caps a task
+    ([10, 50, 10, 10], 1, 30, [(0, 1), (1, 2), (2, 4)]),  # a part over the budget is a run of its own
+    ([10] * 3, 8, 1000, [(0, 1), (1, 2), (2, 3)]),   # more slots than parts: one part per task
+    ([], 2, 1000, []),
+])
+def test_read_runs_are_consecutive_within_budget_and_fill_the_slots(sizes, slots, budget, runs):
+    from platebench.harness.data.source import read_runs
+
+    assert [(r.start, r.stop) for r in read_runs(sizes, slots, budget)] == runs
+
+
+@pytest.mark.parametrize("sizes", [[100, 100, 37], [5, 1000, 800, 999]])
+def test_block_target_emits_every_large_part_alone_and_uncut(sizes):
+    # Ray Data emits a block once its buffer exceeds the target and cuts one at 1.5 times the target; a part's
+    # table is its images plus its metadata columns (0.2% more on `large`; 10% allowed here).
+    from platebench.harness.data.source import block_target
+
+    target = block_target(sizes)
+    big = [s for s in sizes if s > 0.8 * max(sizes)]
+    assert len(big) >= 2 and all(target < s and 1.1 * s < 1.5 * target for s in big)

@@ -1,4 +1,4 @@
-"""A Ray Data datasource over the parts of a plate-shard dataset: one read task per part.
+"""A Ray Data datasource over the parts of a plate-shard dataset: read tasks of consecutive parts, a block per part.
 
 Why not `ray.data.read_parquet`: on every dataset creation it samples files with one-CPU Ray tasks
 (`_fetch_file_infos`), which cannot be scheduled while Train workers hold the CPUs (a deadlock with
@@ -12,12 +12,17 @@ may cut a large block (over 1.5 times its target block size) or, for a task that
 them, so a block is not always a part; the stream still gets whole parts, in plan order, each with the rows the
 manifest lists, whatever the machine's load.
 
-A task carries a handle that knows only its own part (`ShardDataset.reader`): the whole manifest would be
-pickled into every task by the driver and parsed again in every worker.
+A read task reads a run of consecutive parts (`read_runs`: up to `READ_TASK_BYTES`, and at least as many tasks as
+read slots) and yields each part as it is read, one block per part (`block_target`): Ray Data costs tens of
+milliseconds per task on top of the read itself (scheduling, and its executor noticing finished tasks in steps of
+0.1 s), as much as reading a 12 MB part, so one task per part left the readers idle more than half the time. A
+task carries a handle that knows only its own parts (`ShardDataset.reader`): the whole manifest would be pickled
+into every task by the driver and parsed again in every worker.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -31,42 +36,75 @@ from ray.data.block import BlockMetadata
 from ..errors import HarnessError
 
 PART_INDEX = "_part_index"  # the stream drops it before anything else sees the block
+READ_TASK_BYTES = 256 * 2**20  # images one read task reads (in memory): amortises Ray Data's per-task cost
+
+
+def read_runs(sizes: Sequence[int], slots: int, budget: int = READ_TASK_BYTES) -> list[range]:
+    """Consecutive runs of parts, one per read task, given each part's size in bytes: each run at most `budget`
+    bytes (a part larger than that is a run of its own) and at most 1/`slots` of the read, so that `slots`
+    concurrent tasks all have work."""
+    target = min(budget, math.ceil(sum(sizes) / max(1, slots)))
+    runs, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > target:
+            runs.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        runs.append(range(start, len(sizes)))
+    return runs
+
+
+def block_target(sizes: Sequence[int]) -> int:
+    """Ray Data's target block size for a read of parts of these sizes (bytes): a block is emitted as soon as its
+    buffer exceeds the target and cut only at 1.5 times it, so at 0.8 of the largest part every part at least that
+    large leaves its task as soon as it is read, uncut (a smaller one may share a block with the next part, which
+    `whole_parts` undoes). Without it a task's parts would be joined into one block delivered at the task's end."""
+    return max(1, int(0.8 * max(sizes, default=1)))
 
 
 class PlateShardDatasource(Datasource):
-    def __init__(self, dataset: ShardDataset, parts: Sequence[Part], retries: int = 3, backoff_s: float = 1.0):
+    def __init__(self, dataset: ShardDataset, parts: Sequence[Part], slots: int, retries: int = 3,
+                 backoff_s: float = 1.0):
         super().__init__()
         self.dataset, self.parts = dataset, list(parts)
-        self.retries, self.backoff_s = retries, backoff_s
+        self.slots, self.retries, self.backoff_s = slots, retries, backoff_s
+
+    def part_bytes(self) -> list[int]:
+        """Each part's images in memory (bytes), as the manifest knows them."""
+        return [p.rows * self.dataset.manifest.image_nbytes for p in self.parts]
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(p.rows for p in self.parts) * self.dataset.manifest.image_nbytes
+        return sum(self.part_bytes())
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        # One task per part regardless of `parallelism`: a part is never read twice or split between tasks.
-        nbytes = self.dataset.manifest.image_nbytes
+        # Runs of whole parts regardless of `parallelism`: a part is never read twice or split between tasks.
+        sizes = self.part_bytes()
         tasks = []
-        for index, part in enumerate(self.parts):
-            meta = BlockMetadata(num_rows=part.rows, size_bytes=part.rows * nbytes, exec_stats=None,
-                                 input_files=(self.dataset.part_url(part),))
-            tasks.append(ReadTask(_ReadPart(self.dataset, part, index, self.retries, self.backoff_s), meta))
+        for run in read_runs(sizes, self.slots):
+            parts = self.parts[run.start:run.stop]
+            meta = BlockMetadata(num_rows=sum(p.rows for p in parts), size_bytes=sum(sizes[i] for i in run),
+                                 exec_stats=None, input_files=tuple(self.dataset.part_url(p) for p in parts))
+            tasks.append(ReadTask(_ReadParts(self.dataset, parts, run.start, self.retries, self.backoff_s), meta))
         return tasks
 
     def get_name(self) -> str:
         return "PlateShards"
 
 
-class _ReadPart:
-    """A read task's work: its part as one table with its index in the read. A module-level class, so that a task
-    pickles as a reference plus a handle on its own part (a closure is pickled by value)."""
+class _ReadParts:
+    """A read task's work: its run of parts, each yielded as one table with its index in the read as soon as it is
+    read. A module-level class, so that a task pickles as a reference plus a handle on its own parts (a closure is
+    pickled by value)."""
 
-    def __init__(self, dataset: ShardDataset, part: Part, index: int, retries: int, backoff_s: float):
-        self.dataset, self.part, self.index = dataset.reader([part]), part, index
+    def __init__(self, dataset: ShardDataset, parts: Sequence[Part], first: int, retries: int, backoff_s: float):
+        self.dataset, self.parts, self.first = dataset.reader(parts), list(parts), first
         self.retries, self.backoff_s = retries, backoff_s
 
-    def __call__(self) -> list[pa.Table]:
-        table = self.dataset.read_part(self.part, verify=True, retries=self.retries, backoff_s=self.backoff_s)
-        return [table.append_column(PART_INDEX, pa.array([self.index] * table.num_rows, pa.int32()))]
+    def __call__(self) -> Iterator[pa.Table]:
+        for index, part in enumerate(self.parts, self.first):
+            table = self.dataset.read_part(part, verify=True, retries=self.retries, backoff_s=self.backoff_s)
+            yield table.append_column(PART_INDEX, pa.array([index] * table.num_rows, pa.int32()))
 
 
 def whole_parts(blocks: Iterable[pa.Table], rows: Sequence[int], where: Callable[[int], str]) -> Iterator[pa.Table]:

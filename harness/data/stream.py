@@ -1,11 +1,11 @@
 """Plate-grouped streaming of a split from plate shards (local disk or S3) with Ray Data.
 
 Per epoch, each rank gets its own set of plates (seeded shuffle + balanced assignment), reads the parts
-it does not hold in memory yet with Ray Data (`PlateShardDatasource`: one read task per part, verified against
-its checksum; whole parts in plan order whatever order the reads finish in or however Ray Data shapes its
-blocks, so an epoch's batches are a function of (spec, epoch, rank) alone) and turns parts into batches with
-the re-batcher: uint8 images on the host, made float, standardised and augmented on the training device
-(harness/data/batching.py). The number of steps per
+it does not hold in memory yet with Ray Data (`PlateShardDatasource`: read tasks of consecutive parts, each part
+verified against its checksum and delivered as soon as it is read; whole parts in plan order whatever order the
+reads finish in or however Ray Data shapes its blocks, so an epoch's batches are a function of (spec, epoch, rank)
+alone) and turns parts into batches with the re-batcher: uint8 images on the host, made float, standardised and
+augmented on the training device (harness/data/batching.py). The number of steps per
 epoch is computed from the manifest and split counts alone, identical on every rank, so DDP ranks
 never wait on a rank that ran dry (a rank whose stream ends early would leave the others waiting in an
 all-reduce).
@@ -219,24 +219,35 @@ class PlateStream:
         a subclass that reads another way overrides it (perf.plain.PlainPlateStream)."""
         if not parts:
             return
-        import ray.data
         from platebench.datasets.errors import DatasetError, StorageError
 
-        from .source import PlateShardDatasource, plain_error, whole_parts
+        from .source import plain_error, whole_parts
+
+        blocks = self.read_dataset(parts).iter_batches(batch_size=None, batch_format="pyarrow",
+                                                       prefetch_batches=self.config.prefetch_blocks)
+        try:
+            yield from whole_parts(blocks, [p.rows for p in parts], lambda i: self.ds.part_url(parts[i]))
+        except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
+            raise plain_error(exc) from None
+
+    def read_dataset(self, parts: list):
+        """The Ray Data dataset that reads `parts`: its blocks carry `PART_INDEX` (see source.py)."""
+        import ray.data
+
+        from .source import PlateShardDatasource, block_target
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        source = PlateShardDatasource(self.ds, parts, retries=self.config.read_retries)
+        # As many read tasks at once as asked, else as the cluster has CPUs (a task's CPU share is smaller so that
+        # reads fit beside Train workers, but a read keeps a core busy).
+        slots = self.config.read_concurrency or int(ray.cluster_resources().get("CPU", 1))
+        source = PlateShardDatasource(self.ds, parts, slots, retries=self.config.read_retries)
         data = ray.data.read_datasource(source, override_num_blocks=len(parts), num_cpus=self.config.read_cpus,
                                         concurrency=self.config.read_concurrency)
         # Blocks in part order whatever order the parallel read tasks finish in (a busy machine reorders them):
         # Ray Data's own reordering, set on this dataset's copy of the context so no other job can turn it off.
         data.context.execution_options.preserve_order = True
-        blocks = data.iter_batches(batch_size=None, batch_format="pyarrow",
-                                   prefetch_batches=self.config.prefetch_blocks)
-        try:
-            yield from whole_parts(blocks, [p.rows for p in parts], lambda i: self.ds.part_url(parts[i]))
-        except (DatasetError, StorageError) as exc:  # a damaged or unreachable part: one line, same type
-            raise plain_error(exc) from None
+        data.context.target_max_block_size = block_target(source.part_bytes())
+        return data
 
     def masks(self, block: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """(rows of `block` this stream batches: labelled and in the split; rows that are negative controls)."""
