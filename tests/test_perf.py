@@ -95,6 +95,9 @@ def test_perf_data_json_is_flat_with_the_documented_keys(tiny_dataset, tmp_path)
     ds = open_dataset(str(tiny_dataset))
     assert out["images"] == sum(p.rows - p.controls for p in ds.manifest.parts)  # labelled rows, once each
     assert out["plates"] == len(ds.manifest.plates) and out["stream_cores"] >= 1
+    # busy CPU time is the whole machine's: a path can use at most every core for its wall time
+    for path in ("stream", "pyarrow"):
+        assert 0 < out[f"{path}_busy_fraction"] <= 1.0 and out[f"{path}_cpu_ms_per_image"] > 0
 
 
 @pytest.mark.usefixtures("ray_session")

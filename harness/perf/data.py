@@ -15,13 +15,18 @@ plates) and deliver the same batches: the same `Rebatcher` and `batching.to_batc
 Every path stops at the host batch (uint8): what the CPU side of a worker must deliver to its device.
 The quickstart model's training rate (resnet-tiny, 32 px, batch 32, one thread, tensors in memory) is
 measured in the same process: the stream must outpace it.
+The machine's busy CPU time during each timed path (every process: read workers, the raylet, the consumer)
+says what each path costs for the same batches, whatever its wall time; it counts only this machine, so it is
+meaningful for a local Ray (not with `--address` on a cluster whose tasks run elsewhere).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 
+import psutil
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -37,8 +42,9 @@ from .plain import PlainPlateStream, close_loader, plate_loader
 KEYS = ("ratio", "stream_images_per_s", "stream_mb_per_s", "pyarrow_images_per_s", "pyarrow_mb_per_s",
         "dataloader_images_per_s", "stream_vs_dataloader", "limit_images_per_s_per_core",
         "stream_images_per_s_per_core", "stream_cores", "stream_fraction_of_limit",
-        "quickstart_train_images_per_s", "stream_vs_train", "images", "batches", "plates", "batch_size",
-        "parallelism", "image_shape", "dataset")
+        "quickstart_train_images_per_s", "stream_vs_train", "stream_cpu_ms_per_image", "pyarrow_cpu_ms_per_image",
+        "stream_cpu_vs_pyarrow", "stream_busy_fraction", "pyarrow_busy_fraction", "images", "batches", "plates",
+        "batch_size", "parallelism", "image_shape", "dataset")
 
 
 def stream_config(ds: ShardDataset, batch_size: int, parallelism: int, limit_parts: int | None) -> StreamConfig:
@@ -47,28 +53,32 @@ def stream_config(ds: ShardDataset, batch_size: int, parallelism: int, limit_par
                                        plates=tuple(sorted({p.plate for p in parts})))
 
 
-def _count(batches) -> dict:
+def _busy_cpu_s() -> float:
+    """CPU-seconds this machine's cores have spent busy (all processes) since boot."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _timed(batches: Callable[[], Iterable]) -> dict:
+    """Images and batches delivered by `batches()`, its wall time and the machine's busy CPU time meanwhile."""
     n = b = 0
-    for batch in batches:
+    c0, t0 = _busy_cpu_s(), time.perf_counter()
+    for batch in batches():
         n += len(batch)
         b += 1
-    return {"images": n, "batches": b}
+    return {"images": n, "batches": b, "seconds": time.perf_counter() - t0, "cpu_s": _busy_cpu_s() - c0}
 
 
 def stream_rate(ds: ShardDataset, cfg: StreamConfig) -> dict:
     stream = PlateStream(ds, cfg)
     warm = StreamConfig.for_evaluation(None, None, cfg.shape.batch_size, plates=cfg.plates[:1])
     next(iter(PlateStream(ds, warm).host_epoch(0)))  # start Ray Data's workers before the clock
-    t0 = time.perf_counter()
-    out = _count(batch for batch, _ in stream.host_epoch(0))
-    return {**out, "seconds": time.perf_counter() - t0}
+    return _timed(lambda: (batch for batch, _ in stream.host_epoch(0)))
 
 
 def pyarrow_rate(ds: ShardDataset, cfg: StreamConfig, threads: int) -> dict:
     stream = PlainPlateStream(ds, cfg, read_threads=threads)
-    t0 = time.perf_counter()
-    out = _count(batch for batch, _ in stream.host_epoch(0))
-    return {**out, "seconds": time.perf_counter() - t0}
+    return _timed(lambda: (batch for batch, _ in stream.host_epoch(0)))
 
 
 def dataloader_rate(ds: ShardDataset, cfg: StreamConfig, workers: int) -> dict:
@@ -79,9 +89,7 @@ def dataloader_rate(ds: ShardDataset, cfg: StreamConfig, workers: int) -> dict:
         for _ in loader:
             pass
         sampler.indices = everything
-        t0 = time.perf_counter()
-        out = _count(b for plate_batches in loader for b in plate_batches)
-        return {**out, "seconds": time.perf_counter() - t0}
+        return _timed(lambda: (b for plate_batches in loader for b in plate_batches))
     finally:
         close_loader(loader)
 
@@ -157,6 +165,8 @@ def run(ds: ShardDataset, batch_size: int = 64, parallelism: int = 2, limit_part
     cores = min(os.cpu_count() or 1, parallelism + 1)  # read tasks + the process that converts
     per_core = ips["stream"] / cores
     train_ips = training_rate()
+    cpu_ms = {k: 1000 * best[k]["cpu_s"] / best[k]["images"] for k in ("stream", "pyarrow")}
+    busy = {k: best[k]["cpu_s"] / (best[k]["seconds"] * (os.cpu_count() or 1)) for k in ("stream", "pyarrow")}
     return {"ratio": ips["stream"] / ips["pyarrow"], "stream_images_per_s": ips["stream"],
             "stream_mb_per_s": ips["stream"] * mb, "pyarrow_images_per_s": ips["pyarrow"],
             "pyarrow_mb_per_s": ips["pyarrow"] * mb, "dataloader_images_per_s": ips["dataloader"],
@@ -164,6 +174,9 @@ def run(ds: ShardDataset, batch_size: int = 64, parallelism: int = 2, limit_part
             "limit_images_per_s_per_core": ips["limit"], "stream_images_per_s_per_core": per_core,
             "stream_cores": cores, "stream_fraction_of_limit": per_core / ips["limit"],
             "quickstart_train_images_per_s": train_ips, "stream_vs_train": ips["stream"] / train_ips,
+            "stream_cpu_ms_per_image": cpu_ms["stream"], "pyarrow_cpu_ms_per_image": cpu_ms["pyarrow"],
+            "stream_cpu_vs_pyarrow": cpu_ms["stream"] / cpu_ms["pyarrow"], "stream_busy_fraction": busy["stream"],
+            "pyarrow_busy_fraction": busy["pyarrow"],
             "images": best["stream"]["images"], "batches": best["stream"]["batches"], "plates": len(cfg.plates),
             "batch_size": batch_size, "parallelism": parallelism,
             "image_shape": "x".join(map(str, ds.manifest.image_shape)), "dataset": ds.url}
