@@ -8,6 +8,7 @@ import errno
 from pathlib import Path
 
 import pytest
+from cli_output import one_error_line
 from fsspec.implementations.local import LocalFileSystem
 from leaderboard_fixtures import write_root
 from platebench.harness import ray_local
@@ -43,18 +44,12 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(ray_local, "init", refuse)
 
 
-def _one_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1, err
-    return err[0]
-
-
 def test_run_on_a_full_disk_is_one_line_before_ray_starts(tiny_dataset, tmp_path, capsys, full_disk, no_ray):
     out = tmp_path / "out"
     full_disk(out)
     assert main(["run", "--data", tiny_dataset, "--method", "erm", "--hparams", "batch_size=4", "--no-mlflow",
                  "--out", str(out)]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert str(out) in line and "no space left on the device" in line, line
     assert not [p for p in out.rglob("*") if p.is_file()]  # nothing half-written
 
@@ -68,7 +63,7 @@ def test_a_leaderboard_that_cannot_be_written_whole_leaves_the_previous_one(tmp_
     capsys.readouterr()
     full_disk(board, after=2)  # the disk fills after two of the new leaderboard's files
     assert main(["leaderboard", "--records", records, "--baseline", "erm", "--out", str(board)]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"writing the leaderboard to {board}" in line and "no space left on the device" in line, line
     assert {p.name: p.read_bytes() for p in board.iterdir()} == before  # the previous leaderboard, whole
 
@@ -78,10 +73,10 @@ def test_a_bundle_that_cannot_be_written_whole_is_never_taken_for_one(tmp_path, 
     bundle = tmp_path / "bundle"
     full_disk(bundle, after=5)
     assert main(["export", "--records", records, "--out", str(bundle)]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"writing the bundle to {bundle}" in line and "no space left on the device" in line, line
     assert not (bundle / "bundle.json").exists() and not list(bundle.rglob("*.tmp-*"))
     assert main(["validate", str(bundle)]) == 2  # read as a storage root: its runs lack their done markers
     assert "the run is incomplete" in capsys.readouterr().err
     assert main(["export", "--records", records, "--out", str(bundle)]) == 2
-    assert "exists, is not empty and holds no bundle.json (an export that failed?)" in _one_line(capsys)
+    assert "exists, is not empty and holds no bundle.json (an export that failed?)" in one_error_line(capsys)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cli_output import one_error_line
 from leaderboard_fixtures import _row, write_root
 from platebench.harness.cli import main
 from tcp_proxy import TcpProxy
@@ -56,12 +57,6 @@ def _files(bundle) -> dict[str, bytes]:
     return {**files, "bundle.json": meta}
 
 
-def _one_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1, err
-    return err[0]
-
-
 def test_leaderboard_outage_is_one_line_within_a_bounded_wait_and_writes_nothing(records_on_s3, tmp_path, capsys):
     url, proxy, local = records_on_s3
     out = tmp_path / "board"
@@ -69,7 +64,7 @@ def test_leaderboard_outage_is_one_line_within_a_bounded_wait_and_writes_nothing
     t0 = time.time()
     assert main(["leaderboard", "--records", url, "--baseline", "erm", "--out", str(out)]) == 2
     assert time.time() - t0 < 6 + 30  # the window, plus the S3 client's own retries of the last attempt
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert url.split("/")[2] in line and "cannot reach the S3 endpoint" in line, line
     assert not out.exists() or not list(out.iterdir())  # no leaderboard that could be read as the result
     proxy.up()
@@ -87,7 +82,7 @@ def test_short_outage_while_the_leaderboard_reads_is_retried_to_the_same_tables(
     assert _tables(tmp_path / "board") == _tables(tmp_path / "local")
 
 
-def test_a_leaderboard_written_to_s3_waits_out_a_short_outage_and_a_long_one_is_one_line(records_on_s3, tmp_path,
+def test_a_leaderboard_written_to_s3_waits_out_a_short_outage_and_a_long_one_isone_error_line(records_on_s3, tmp_path,
                                                                                         capsys, monkeypatch):
     from platebench.harness.results import report
 
@@ -115,7 +110,7 @@ def test_a_leaderboard_written_to_s3_waits_out_a_short_outage_and_a_long_one_is_
     capsys.readouterr()
     proxy.down()
     assert main(["leaderboard", "--records", local, "--baseline", "erm", "--out", board + "2"]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"writing the leaderboard to {board}2" in line and "cannot reach the S3 endpoint" in line, line
 
 
@@ -124,7 +119,7 @@ def test_bundle_export_outage_leaves_no_bundle_that_validates(records_on_s3, tmp
     bundle = tmp_path / "bundle"
     proxy.down()
     assert main(["export", "--records", url, "--out", str(bundle)]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert "cannot reach the S3 endpoint" in line, line
     assert not bundle.exists() or not list(bundle.iterdir())  # nothing that could be taken for a bundle
     proxy.up()
@@ -323,11 +318,11 @@ def test_a_bundle_written_to_s3_waits_out_a_short_outage_and_a_cut_one_is_never_
     monkeypatch.setattr(bundle_module, "put_atomic", cut_after_three_files)
     capsys.readouterr()
     assert main(["export", "--records", local, "--out", out + "2"]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"writing the bundle to {out}2" in line and "cannot reach the S3 endpoint" in line, line
     proxy.up()
     fs.invalidate_cache()
     assert fs.find(out[5:] + "2") and not fs.exists(out[5:] + "2/bundle.json")  # half a bundle, without its seal
     monkeypatch.setattr(bundle_module, "put_atomic", real)
     assert main(["export", "--records", local, "--out", out + "2"]) == 2
-    assert "holds no bundle.json" in _one_line(capsys)
+    assert "holds no bundle.json" in one_error_line(capsys)
