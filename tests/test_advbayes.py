@@ -197,6 +197,23 @@ def test_consistency_loss_matches_the_reference(wr, temp):
         assert torch.allclose(a, b, **TOL)
 
 
+def test_consistency_loss_gradient_stays_finite_where_a_float32_softmax_underflows():
+    # An augmented view with a logit gap of 200 (a run's adversary produced such views): float32's softmax gives
+    # exact zeros there, and xlogy/KLDivLoss's gradient 0/0 = NaN; the loss and its gradient must equal the
+    # reference's in float64, where nothing underflows.
+    g = torch.Generator().manual_seed(7)
+    logits = [torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    logits[2][1] = torch.tensor([200.0, 0.0, -10.0, 3.0], dtype=torch.float64)
+    wide = [t.clone().requires_grad_() for t in logits]
+    single = [t.float().requires_grad_() for t in logits]
+    mine = consistency_loss(*single, wr=0.7, temperature=1.0)
+    ref = ref_consistency(*wide, 0.7, 1.0)
+    assert (F.softmax(single[2].detach(), 1)[1] == 0).any()  # the underflow really happens in float32
+    assert torch.allclose(mine.double(), ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(mine, single), torch.autograd.grad(ref, wide)):
+        assert torch.isfinite(a).all() and torch.allclose(a.double(), b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("hp", [{}, {"elbo_beta": 0.3, "adv_layers": "all", "kernel_sizes": "1,3"}])
 def test_adversary_step_is_one_adam_step_on_minus_ce_minus_beta_kl(hp):
     method = _method(adv_steps=1, **hp)

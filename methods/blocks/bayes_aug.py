@@ -22,7 +22,9 @@ the classifier's consistency term (`consistency_loss`) is, with p = softmax(f(x)
 p_g = softmax(f(x_g)/T) and weight w (`wr`):
     m = (p + w·p_r + (2 − w)·p_g)/3,  log m = log(clamp(m, 1e-4, 1)),
     L_cl = [KL(p‖m) + w·KL(p_r‖m) + (2 − w)·KL(p_g‖m)]/3,  KL(a‖m) = Σ_k a_k(log a_k − log m_k), batch mean.
-Losses are computed in float32 whatever the autocast dtype of the convolutions.
+Losses are computed in float32 whatever the autocast dtype of the convolutions. log a_k is taken from
+log_softmax, so a probability that underflows to 0 in float32 gives the gradient's limit (0) where the reference's
+KLDivLoss gives 0·∞ = NaN (an augmented view with a logit gap over ~104 diverged a run at its adversary's start).
 """
 
 from __future__ import annotations
@@ -162,9 +164,11 @@ def adversarial_loss(ce: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.T
     return -at_least_fp32(ce) - beta * at_least_fp32(kl)
 
 
-def _kl_to_mixture(p: torch.Tensor, log_m: torch.Tensor) -> torch.Tensor:
-    # Σ p (log p − log m) with 0·log 0 = 0, summed over rows (the caller divides by the batch size).
-    return (torch.xlogy(p, p) - p * log_m).sum()
+def _kl_to_mixture(p: torch.Tensor, log_p: torch.Tensor, log_m: torch.Tensor) -> torch.Tensor:
+    # Σ p (log p − log m), summed over rows (the caller divides by the batch size). log p comes from log_softmax:
+    # where a float32 softmax underflows to exactly 0 (a logit gap over ~104), xlogy(p, p)'s gradient is 0/0 = NaN
+    # (and so is KLDivLoss's, the reference's); p·log_softmax has the same value and the gradient's true limit, 0.
+    return (p * (log_p - log_m)).sum()
 
 
 def consistency_loss(logits: torch.Tensor, logits_r: torch.Tensor, logits_g: torch.Tensor, wr: float = 1.0,
@@ -173,9 +177,11 @@ def consistency_loss(logits: torch.Tensor, logits_r: torch.Tensor, logits_g: tor
     n = logits.shape[0]
     if n == 0:
         return at_least_fp32(logits.sum() + logits_r.sum() + logits_g.sum()) * 0.0
-    p = at_least_fp32(logits).softmax(1)
-    p_r = at_least_fp32(logits_r).softmax(1)
-    p_g = (at_least_fp32(logits_g) / temperature).softmax(1)
+    log_p = at_least_fp32(logits).log_softmax(1)
+    log_r = at_least_fp32(logits_r).log_softmax(1)
+    log_g = (at_least_fp32(logits_g) / temperature).log_softmax(1)
+    p, p_r, p_g = log_p.exp(), log_r.exp(), log_g.exp()
     log_m = ((p + wr * p_r + (2 - wr) * p_g) / 3).clamp(MIX_FLOOR, 1.0).log()
-    terms = _kl_to_mixture(p, log_m) + wr * _kl_to_mixture(p_r, log_m) + (2 - wr) * _kl_to_mixture(p_g, log_m)
+    terms = (_kl_to_mixture(p, log_p, log_m) + wr * _kl_to_mixture(p_r, log_r, log_m)
+             + (2 - wr) * _kl_to_mixture(p_g, log_g, log_m))
     return terms / (3 * n)
