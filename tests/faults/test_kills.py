@@ -1,7 +1,8 @@
-"""Kills: a Train worker killed during a run's evaluations after training (test splits, TTA sweeps,
-representation analysis) and the `bench` driver killed mid-run (SIGKILL, no clean-up), then the same command
-again. Each ends with every record present once, nothing trained twice, and the same records and leaderboard
-numbers as an uninterrupted bench of the same suite (CPU, same seeds)."""
+"""Kills: a Ray Data read worker killed in the middle of its run of parts (every part still arrives once, whole, in
+order), a Train worker killed during a run's evaluations after training (test splits, TTA sweeps, representation
+analysis) and the `bench` driver killed mid-run (SIGKILL, no clean-up), then the same command again. Those end
+with every record present once, nothing trained twice, and the same records and leaderboard numbers as an
+uninterrupted bench of the same suite (CPU, same seeds)."""
 
 from __future__ import annotations
 
@@ -114,3 +115,30 @@ def test_bench_driver_killed_then_the_same_command_gives_the_same_leaderboard(ki
     after = _record_files(out)
     assert {k: after[k] for k in first_epoch} == first_epoch  # epoch 1 was not trained or validated again
     _assert_same_results(out, reference)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_read_worker_killed_mid_task_rereads_and_every_part_arrives_once_whole_in_order(tmp_path):
+    # A read task reads a run of parts and hands each on as it is read: killed after its first part was delivered,
+    # Ray re-runs the task, and the stream must still get each part exactly once, whole, in plan order.
+    import psutil
+    from platebench.datasets.shards import open_dataset
+    from platebench.harness.data.stream import PlateStream, StreamConfig
+    from platebench.methods.base import BatchShape
+    from shard_fixtures import build_tiny_dataset
+
+    ds = open_dataset(build_tiny_dataset(tmp_path / "ds", images_per_plate=128, part_rows=8, size=64))
+    # one read slot: a single task reads all the parts, so it is still running when the first part arrives
+    stream = PlateStream(ds, StreamConfig("new_batches", None, BatchShape(4), train=False, read_concurrency=1))
+    parts = list(ds.manifest.parts)
+    got, killed = [], []
+    for block in stream.read_parts(parts):
+        got.append(block)
+        if len(got) == 1:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "ray::ReadPlateShards" in (proc.info["cmdline"] or [""])[0]:
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+    assert len(killed) == 1  # the read task was running, mid-run, when it was killed
+    assert len(got) == len(parts) == 96
+    assert all(block.equals(ds.read_part(part)) for block, part in zip(got, parts))
