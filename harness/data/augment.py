@@ -3,6 +3,10 @@
 Policies are named (the `augment` hyperparameter) so a run's augmentation is part of its id.
 CutMix is not here: it changes the targets, so it lives with the loss that consumes them (ABRA's
 `cutmix_prob`, methods/abra.py), not in a stream that every method shares.
+
+The crop and D4 here do what methods/blocks/views.py's do for the self-supervised views; they are not shared
+because the views' crop draws its uniforms in another float order (1e-5 apart), and switching ABRA's default
+policy to it moved the published default leaderboard's ABRA rows (checked 2026-12-07 with `platebench bench`).
 """
 
 from __future__ import annotations
