@@ -101,7 +101,8 @@ def test_bench_driver_killed_then_the_same_command_gives_the_same_leaderboard(ki
         deadline = time.time() + 300
         while not list(out.glob("records/*/epoch-00002.parquet")) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        assert list(out.glob("records/*/epoch-00002.parquet")), "the bench never finished epoch 2"
+        assert list(out.glob("records/*/epoch-00002.parquet")), \
+            f"the bench never finished epoch 2 (driver exit code {proc.poll()}): {log.read_text()[-3000:]}"
         assert proc.poll() is None, f"the bench ended before it could be killed: {log.read_text()[-3000:]}"
     finally:
         if proc.poll() is None:
