@@ -6,7 +6,9 @@ The lock file names its holder (host, pid, command, start time), and a second co
 naming it, before Ray starts. It is taken by an exclusive create: on a local disk a hard link of a complete file
 (atomic, and it fails when the name exists: a reader never sees half a file); on S3 a conditional PUT
 (`If-None-Match: *`); on another fsspec store, which offers neither, a check then a write (a race window of one
-round trip, documented in docs/concepts.md). It is released when the command ends: normally, on an error, on Ctrl-C
+round trip, documented in docs/concepts.md). Once held, the temporary files that a holder killed outright left
+between a write and its rename (records, run files, checkpoints) are deleted: no writer can be at work there. It is
+released when the command ends: normally, on an error, on Ctrl-C
 and on SIGTERM (try/finally, atexit, and a SIGTERM handler that exits through them). A holder killed outright
 (SIGKILL, a lost machine) leaves its lock behind: one of this host whose pid is gone is taken over with a warning
 line; one of another host is refused, naming the file to delete once that command is known to be gone (its pid
@@ -20,6 +22,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -29,10 +32,15 @@ import uuid
 from contextlib import contextmanager
 
 from platebench.datasets.errors import StorageError
-from platebench.datasets.storage import StorageOptions, filesystem, is_local, with_retries
+from platebench.datasets.storage import StorageOptions, filesystem, is_local, join, with_retries
 
 from ..errors import HarnessError
-from ..results.layout import lock_file
+from ..results.layout import RECORDS_DIR, RUNS_DIR, SWEEPS_DIR, TRAININGS_DIR, lock_file
+
+# What only the lock's holder writes, and the temporary name datasets/storage.put_all_atomic writes before its
+# rename (<target>.tmp-<8 hex digits>; tests/faults/test_storage_lock.py kills a real write to keep the two in step).
+LOCKED_DIRS = (RECORDS_DIR, RUNS_DIR, TRAININGS_DIR, SWEEPS_DIR)
+INTERRUPTED_WRITE = re.compile(r"\.tmp-[0-9a-f]{8}$")
 
 
 class StorageLock:
@@ -90,9 +98,25 @@ def held(storage: str, options: StorageOptions | None, command: str, stream=None
     """The lock of `storage` for the duration of a `with` block."""
     lock = acquire(storage, options, command, stream)
     try:
+        _remove_interrupted_writes(lock, stream)
         yield lock
     finally:
         lock.release()
+
+
+def _remove_interrupted_writes(lock: StorageLock, stream) -> None:
+    """Delete the temporary files a writer killed between its write and its rename left in the holder's folders
+    (on a local disk; object storage writes in one PUT). Safe only now: no other writer can be at work there."""
+    if not is_local(lock.fs):
+        return
+    root = lock.path.rsplit("/", 1)[0]
+    removed = [os.path.join(d, name) for folder in LOCKED_DIRS for d, _, names in os.walk(join(root, folder))
+               for name in names if INTERRUPTED_WRITE.search(name)]
+    for path in removed:
+        os.unlink(path)
+    if removed:
+        print(f"warning: removed {len(removed)} temporary file(s) of writes a killed command never finished, e.g. "
+              f"{removed[0]}", file=stream or sys.stderr, flush=True)
 
 
 def describe(holder: dict) -> str:

@@ -82,6 +82,28 @@ def test_a_stale_lock_of_this_host_is_taken_over_with_a_warning(tmp_path, capsys
     assert not (tmp_path / "lock.json").exists()
 
 
+def test_the_holder_deletes_what_a_writer_killed_between_write_and_rename_left(tmp_path, capsys):
+    run = tmp_path / "records" / "erm-s0-abc"
+    run.mkdir(parents=True)
+    (run / "epoch-00001.parquet").write_bytes(b"finished")
+    (run / "notes.tmp-draft").write_bytes(b"a user's file")  # not a temporary name of ours
+    # A writer SIGKILLed after writing epoch 2's temporary file, before renaming it.
+    killed = textwrap.dedent(f"""
+        import os, signal
+        from platebench.datasets.storage import filesystem, put_atomic
+        fs, root = filesystem({str(run)!r})
+        fs.mv = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        put_atomic(fs, root + "/epoch-00002.parquet", b"epoch 2")
+    """)
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == -signal.SIGKILL
+    left = [p.name for p in run.iterdir() if p.name.startswith("epoch-00002.parquet.tmp-")]
+    assert len(left) == 1
+    with storage_lock.held(str(tmp_path), None, "platebench bench"):
+        assert sorted(p.name for p in run.iterdir()) == ["epoch-00001.parquet", "notes.tmp-draft"]
+    assert capsys.readouterr().err == ("warning: removed 1 temporary file(s) of writes a killed command never "
+                                       f"finished, e.g. {run / left[0]}\n")
+
+
 def test_a_lock_of_another_host_is_never_taken_over(tmp_path):
     other = {"host": "another-host.invalid", "pid": _dead_pid(), "command": "platebench sweep",
              "started": "2020-01-01T00:00:00", "token": "theirs"}
