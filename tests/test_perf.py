@@ -82,6 +82,11 @@ def test_physical_limit_converts_every_labelled_image_of_the_same_parts(tiny_dat
     labelled = ds.metadata(list(plates)).filter(pc.field("label") >= 0).num_rows
     assert len(plates) < len(ds.manifest.plates)  # --limit-parts narrows every path alike
     assert data.limit_rate(ds, cfg)["images"] == labelled > 0
+    # the limit on several cores: its shares are disjoint and cover every part
+    assert sum(data.limit_rate(ds, cfg, (i, 3))["images"] for i in range(3)) == labelled
+
+
+PART_STEPS = ("read", "checksum", "object_store")
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -98,6 +103,9 @@ def test_perf_data_json_is_flat_with_the_documented_keys(tiny_dataset, tmp_path)
     # busy CPU time is the whole machine's: a path can use at most every core for its wall time
     for path in ("stream", "pyarrow"):
         assert 0 < out[f"{path}_busy_fraction"] <= 1.0 and out[f"{path}_cpu_ms_per_image"] > 0
+    assert out["limit_core_scaling"] > 0 and min(out[f"part_{step}_ms"] for step in PART_STEPS) > 0
+    assert out["part_mb"] == pytest.approx(max(p.rows for p in ds.manifest.parts) * ds.manifest.image_nbytes / 2**20,
+                                           rel=0.5)  # a decoded part: its images and a few metadata columns
 
 
 @pytest.mark.usefixtures("ray_session")
