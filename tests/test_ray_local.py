@@ -35,8 +35,13 @@ def _descendants(root: int) -> set[int]:
 
 
 def _socket_inodes(pid: int) -> set[str]:
+    """The socket inodes `pid` holds open; none once the process has ended (listed, then gone before this read)."""
     inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
         try:
             target = os.readlink(fd)
         except OSError:
